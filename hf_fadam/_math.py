@@ -1,0 +1,63 @@
+"""The small shared pieces of FAdam's math, one definition each.
+
+Every implementation (the for-loop reference, the ``torch._foreach_*`` path and the fused kernels' launchers)
+calls these functions, so a formula lives in exactly one place. All of them are sync-free tensor code: they take
+and return tensors (0-d, or 1-D stacks of per-tensor scalars) and never read a value back to the host, which keeps
+``torch.compile``, CUDA graphs and DTensor (FSDP2) working.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+
+def fisher_beta(beta2: float, step: Tensor) -> Tensor:
+    r"""The bias-corrected β2 of the Fisher EMA, :math:`\hat\beta_2 = \beta_2 (1-\beta_2^{t-1}) / (1-\beta_2^t)`.
+
+    ``step`` holds the already incremented step count(s) ``t``: a 0-d tensor or a 1-D stack of per-tensor steps.
+    The result is float64 (computed in float64 so that every path sees the same value) and exactly 0 at t = 1,
+    because ``β2 ** 0`` is exactly 1: the first Fisher estimate is then ``g²`` whatever the initial state.
+    """
+    t = step.to(torch.float64)
+    pow_t_minus_1 = torch.pow(beta2, t - 1)
+    return beta2 * (1 - pow_t_minus_1) / (1 - pow_t_minus_1 * beta2)
+
+
+def adaptive_eps(eps: float, rms_grad: Tensor) -> Tensor:
+    r"""The adaptive epsilon :math:`\hat\epsilon = \epsilon \cdot \min(1, \mathrm{RMS}(g))`, and ε when RMS(g) = 0.
+
+    The guard keeps an all-zero gradient tensor finite (public ports give 0/0 = NaN there); replacing ``min`` by
+    ``max``, as one port did, would silently remove the scale adaptivity, so it is not done here.
+    """
+    return torch.where(rms_grad > 0, rms_grad.clamp_max(1.0) * eps, torch.full_like(rms_grad, eps))
+
+
+def clip_divisor(rms: Tensor, clip: float) -> Tensor:
+    r"""The RMS-clip divisor :math:`\max(1, \mathrm{RMS}(x) / c)` of the paper (and Adafactor).
+
+    Dividing ``x`` by it leaves ``x`` alone while RMS(x) <= c and scales it to RMS exactly c above. (The public
+    ports divide by ``max(1, RMS) / c``, which equals this only at c = 1 and amplifies updates for c > 1.)
+    """
+    return (rms / clip).clamp_min(1.0)
+
+
+def rms_from_sumsq(sumsq: Tensor, numel: int) -> Tensor:
+    """RMS from a sum of squares over ``numel`` elements; 0 for an empty tensor (never 0/0).
+
+    ``numel`` is the size of the whole logical tensor (``DTensor.numel()`` is global), so a sum that was reduced
+    over shards gives the same RMS as the unsharded tensor.
+    """
+    return (sumsq / max(numel, 1)).sqrt()
+
+
+def rms_from_norm(norm: Tensor, numel: int) -> Tensor:
+    """RMS from an L2 norm over ``numel`` elements (``norm / sqrt(numel)``); 0 for an empty tensor."""
+    return norm / math.sqrt(max(numel, 1))
+
+
+def rms(x: Tensor) -> Tensor:
+    """RMS over all elements of one (whole, possibly sharded) tensor, as a 0-d tensor."""
+    return rms_from_sumsq(x.square().sum(), x.numel())

@@ -1,0 +1,90 @@
+"""The state dict is a contract: exact resume, weights_only loading, state dtypes kept."""
+
+import io
+
+import pytest
+import torch
+
+from hf_fadam import FAdam
+
+from _harness import IMPL_FLAGS, cpu_backend, grad_for, make_params, param_groups
+
+
+def _run(opt, params, steps):
+    for step in steps:
+        for i, param in enumerate(params):
+            param.grad = grad_for(step, i, param)
+        opt.step()
+
+
+def _roundtrip(obj):
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    buf.seek(0)
+    return torch.load(buf, weights_only=True)
+
+
+@pytest.mark.parametrize("impl", ["forloop", "foreach"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_save_load_continue_is_bit_exact(impl, dtype):
+    with cpu_backend(impl):
+        params = make_params(dtype)
+        opt = FAdam(param_groups(params), lr=1e-2, **IMPL_FLAGS[impl])
+        _run(opt, params, range(0, 4))
+        saved_params = [p.detach().clone() for p in params]
+        saved = _roundtrip(opt.state_dict())
+        _run(opt, params, range(4, 8))  # the uninterrupted run
+
+        fresh = [torch.nn.Parameter(p) for p in saved_params]
+        resumed = FAdam(param_groups(fresh), lr=1e-2, **IMPL_FLAGS[impl])
+        resumed.load_state_dict(saved)
+        _run(resumed, fresh, range(4, 8))
+
+    for a, b in zip(params, fresh):
+        assert torch.equal(a.detach(), b.detach())
+        for key in ("exp_avg", "fisher", "step"):
+            if a in opt.state:
+                x, y = opt.state[a][key], resumed.state[b][key]
+                assert x.dtype == y.dtype and torch.equal(x, y), key
+
+
+def test_bf16_params_keep_fp32_state_after_load():
+    param = torch.nn.Parameter(torch.randn(8, dtype=torch.bfloat16))
+    opt = FAdam([param])
+    param.grad = torch.randn(8, dtype=torch.bfloat16)
+    opt.step()
+    before = {k: v.clone() for k, v in opt.state[param].items()}
+    fresh = torch.nn.Parameter(param.detach().clone())
+    opt2 = FAdam([fresh])
+    opt2.load_state_dict(_roundtrip(opt.state_dict()))
+    state = opt2.state[fresh]
+    assert state["exp_avg"].dtype == torch.float32 and state["fisher"].dtype == torch.float32
+    assert state["step"].dtype == torch.float32
+    assert torch.equal(state["fisher"], before["fisher"])  # not rounded through bf16
+
+
+def test_loaded_state_does_not_alias_the_source():
+    param = torch.nn.Parameter(torch.randn(4))
+    opt = FAdam([param])
+    param.grad = torch.randn(4)
+    opt.step()
+    opt2 = FAdam([torch.nn.Parameter(param.detach().clone())])
+    opt2.load_state_dict(opt.state_dict())
+    (state2,) = opt2.state.values()
+    assert state2["fisher"].data_ptr() != opt.state[param]["fisher"].data_ptr()
+
+
+def test_state_dict_keys_and_group_hyperparameters_round_trip():
+    param = torch.nn.Parameter(torch.randn(3))
+    opt = FAdam([param], lr=0.5, betas=(0.8, 0.9), eps=1e-6, weight_decay=0.2, clip=2.0, p=0.25, state_dtype="fp64")
+    param.grad = torch.randn(3)
+    opt.step()
+    sd = _roundtrip(opt.state_dict())
+    assert set(sd["state"][0]) == {"step", "exp_avg", "fisher"}
+    group = sd["param_groups"][0]
+    assert group["betas"] == (0.8, 0.9) and group["clip"] == 2.0 and group["p"] == 0.25
+    assert group["state_dtype"] == torch.float64
+    opt2 = FAdam([torch.nn.Parameter(param.detach().clone())])
+    opt2.load_state_dict(sd)
+    assert opt2.param_groups[0]["state_dtype"] == torch.float64
+    assert next(iter(opt2.state.values()))["fisher"].dtype == torch.float64
