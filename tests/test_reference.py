@@ -158,3 +158,21 @@ def test_closure_returns_loss():
         return loss
 
     assert opt.step(closure).item() == pytest.approx(2.0)
+
+
+@pytest.mark.parametrize("foreach", [False, True], ids=["forloop", "foreach"])
+def test_training_loss_falls_on_a_classification_problem(foreach):
+    gen = torch.Generator().manual_seed(4)
+    x = torch.randn(256, 10, generator=gen)
+    y = (x[:, :3].sum(dim=1) > 0).long()
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(10, 32), torch.nn.Tanh(), torch.nn.Linear(32, 2))
+    opt = FAdam(model.parameters(), lr=1e-2, foreach=foreach)
+    losses = []
+    for _ in range(60):
+        opt.zero_grad()
+        loss = torch.nn.functional.cross_entropy(model(x), y)
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.5 * losses[0]
