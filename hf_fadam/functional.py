@@ -26,7 +26,7 @@ from ._single_tensor import _single_tensor_fadam
 
 
 _FUSED_DTYPES = {
-    "cuda": (torch.float32, torch.bfloat16, torch.float16),
+    "cuda": (torch.float64, torch.float32, torch.bfloat16, torch.float16),
     "cpu": (torch.float64, torch.float32, torch.bfloat16, torch.float16),
 }
 

@@ -19,7 +19,8 @@ def _available(impl: str) -> bool:
             from hf_fadam.kernels import triton_fadam
         except ImportError:
             return False
-        return triton_fadam.is_available()
+        # The trajectories use CPU tensors: the Triton kernels reach them only through the interpreter.
+        return triton_fadam.is_available() and triton_fadam._interpreting()
     return True
 
 
