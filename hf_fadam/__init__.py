@@ -9,4 +9,15 @@ from .optimizer import FAdam
 
 __version__ = "0.1.0"
 
-__all__ = ["FAdam", "fadam", "__version__"]
+__all__ = ["FAdam", "fadam", "register", "__version__"]
+
+
+def register() -> bool:
+    """Make ``--optim fadam`` available to the Hugging Face Trainer in this process (docs/trainer.md).
+
+    Idempotent; imports transformers only when called. Returns False, changing nothing, where transformers
+    already defines ``fadam`` itself.
+    """
+    from .integrations.transformers import register as _register
+
+    return _register()

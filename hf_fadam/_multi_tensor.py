@@ -50,22 +50,29 @@ def _multi_tensor_fadam(
     if not params:
         return
     grouped = Optimizer._group_tensors_by_device_and_dtype([params, grads, exp_avgs, fishers, state_steps])
-    for (dev_params, dev_grads, dev_exp_avgs, dev_fishers, dev_steps), _ in grouped.values():
-        _multi_tensor_fadam_group(
-            dev_params,
-            dev_grads,
-            dev_exp_avgs,
-            dev_fishers,
-            dev_steps,
-            lr=lr,
-            beta1=beta1,
-            beta2=beta2,
-            eps=eps,
-            weight_decay=weight_decay,
-            clip=clip,
-            p=p,
-            maximize=maximize,
-        )
+    for lists, _ in grouped.values():
+        # DTensors and plain tensors cannot meet in one foreach op ("got mixed torch.Tensor and DTensor"): FSDP2's
+        # ignored params, or a root module left without fully_shard, put both in one group. Split them.
+        kinds = [_is_dtensor(t) for t in lists[0]]
+        for kind in sorted(set(kinds)):
+            dev_params, dev_grads, dev_exp_avgs, dev_fishers, dev_steps = (
+                [t for t, k in zip(lst, kinds) if k == kind] for lst in lists
+            )
+            _multi_tensor_fadam_group(
+                dev_params,
+                dev_grads,
+                dev_exp_avgs,
+                dev_fishers,
+                dev_steps,
+                lr=lr,
+                beta1=beta1,
+                beta2=beta2,
+                eps=eps,
+                weight_decay=weight_decay,
+                clip=clip,
+                p=p,
+                maximize=maximize,
+            )
 
 
 def _multi_tensor_fadam_group(
@@ -130,6 +137,12 @@ def _multi_tensor_fadam_group(
 
     # θ <- θ - η u
     if upcast:
-        torch._foreach_copy_(params, torch._foreach_add(thetas, updates, alpha=-lr))
+        new_params = torch._foreach_add(thetas, updates, alpha=-lr)
+        if any(_is_dtensor(t) for t in params):
+            # DTensor registers no sharding strategy for aten._foreach_copy_ (torch 2.13); copy_ is local, no comms.
+            for param, new_param in zip(params, new_params):
+                param.copy_(new_param)
+        else:
+            torch._foreach_copy_(params, new_params)
     else:
         torch._foreach_add_(params, updates, alpha=-lr)
