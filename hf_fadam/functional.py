@@ -64,15 +64,15 @@ def _fused_kernel(device: torch.device):
 
         if not cpu_fused.is_available():
             raise RuntimeError(
-                "FAdam(fused=True) on cpu needs a C compiler (cc) to build its CPU kernel, and none works here. "
-                "Use fused=None or foreach=True."
+                "FAdam(fused=True) on cpu needs a C compiler (cc) to build its CPU kernel, and it is not available "
+                f"here: {cpu_fused.unavailable_reason()}. Use fused=None or foreach=True."
             )
         return cpu_fused.fadam_cpu_
     raise RuntimeError(f"FAdam(fused=True) is not available on device type {device.type!r}; use foreach=True.")
 
 
-def _fused_available(params: list[Tensor]) -> bool:
-    """Whether fused=None should choose the fused path for these parameters."""
+def _fused_available(params: list[Tensor], fishers: list[Tensor]) -> bool:
+    """Whether fused=None should choose the fused path for these parameters (and their state dtypes)."""
     if torch.compiler.is_compiling():
         return False
     for device_type in {t.device.type for t in params}:
@@ -92,11 +92,19 @@ def _fused_available(params: list[Tensor]) -> bool:
             ok = False
         if not ok:
             return False
-    return all(t.dtype in _FUSED_DTYPES[t.device.type] and not _is_dtensor(t) for t in params)
+    if not all(t.dtype in _FUSED_DTYPES[t.device.type] and not _is_dtensor(t) for t in params):
+        return False
+    if any(t.device.type == "cpu" for t in params):
+        from .kernels import cpu_fused
+
+        return all(cpu_fused.is_supported(t.dtype, f.dtype) for t, f in zip(params, fishers) if t.device.type == "cpu")
+    return True
 
 
-def resolve_implementation(params: list[Tensor], foreach: bool | None, fused: bool | None) -> str:
-    """Return ``"forloop"``, ``"foreach"`` or ``"fused"`` for these parameters and flags."""
+def resolve_implementation(
+    params: list[Tensor], foreach: bool | None, fused: bool | None, fishers: list[Tensor] | None = None
+) -> str:
+    """Return ``"forloop"``, ``"foreach"`` or ``"fused"`` for these parameters (with their Fisher state) and flags."""
     if foreach and fused:
         raise ValueError("FAdam: foreach=True and fused=True contradict each other; set at most one of them.")
     if fused:
@@ -105,7 +113,7 @@ def resolve_implementation(params: list[Tensor], foreach: bool | None, fused: bo
         return "foreach"
     if foreach is False:
         return "forloop"
-    if fused is None and _fused_available(params):
+    if fused is None and _fused_available(params, params if fishers is None else fishers):
         return "fused"
     return "foreach"
 
@@ -131,7 +139,7 @@ def fadam(
     maximize: bool,
 ) -> None:
     """Functional FAdam: one step over the given tensors, in place. See :class:`hf_fadam.FAdam` for the math."""
-    impl = resolve_implementation(params, foreach, fused)
+    impl = resolve_implementation(params, foreach, fused, fishers)
     if impl != "fused" and (grad_scale is not None or found_inf is not None):
         raise RuntimeError("FAdam: grad_scale/found_inf (AMP inside the step) are only supported with fused=True.")
     hyper = dict(

@@ -78,3 +78,19 @@ def test_default_dispatch_runs_and_matches():
     assert_trajectories_close(
         actual, expected, tolerance("fused_c", torch.float32), tolerance("fused_c", torch.float32)
     )
+
+
+def test_default_dispatch_falls_back_when_the_cpu_kernel_lacks_the_dtype_pair(monkeypatch):
+    # bf16 state for fp32 params is not a pair the C kernel implements: fused=None must pick foreach, not raise.
+    monkeypatch.setenv("HF_FADAM_CPU_FUSED_BACKEND", "c")
+    from hf_fadam.functional import resolve_implementation
+
+    params = [torch.zeros(3)]
+    assert resolve_implementation(params, None, None, [torch.zeros(3, dtype=torch.bfloat16)]) == "foreach"
+    from hf_fadam import FAdam
+
+    param = torch.nn.Parameter(torch.randn(5))
+    opt = FAdam([param], state_dtype="bfloat16")  # both flags None
+    param.grad = torch.randn(5)
+    opt.step()
+    assert opt.state[param]["fisher"].dtype == torch.bfloat16 and torch.isfinite(param).all()
