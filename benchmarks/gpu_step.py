@@ -30,16 +30,10 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from step import transformer_shapes  # noqa: E402  (benchmarks/step.py: the same param set)
+
 from hf_fadam import FAdam  # noqa: E402
 from hf_fadam.kernels import triton_fadam  # noqa: E402
-
-
-def transformer_shapes(d: int = 576, layers: int = 8, vocab: int = 32000, ctx: int = 1024) -> list[tuple[int, ...]]:
-    """The param set of benchmarks/step.py: 100 tensors, 50.9M params (largest 18.4M, smallest 576)."""
-    shapes: list[tuple[int, ...]] = [(vocab, d), (ctx, d)]
-    for _ in range(layers):
-        shapes += [(d,), (d,), (3 * d, d), (3 * d,), (d, d), (d,), (d,), (d,), (4 * d, d), (4 * d,), (d, 4 * d), (d,)]
-    return shapes + [(d,), (d,)]
 
 
 PARAM_SETS = {
