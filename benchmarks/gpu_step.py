@@ -3,6 +3,8 @@
 
     TRITON_INTERPRET=0 python benchmarks/gpu_step.py --out results/gpu_step          # ~1-2 min on an H100
 
+(``benchmarks/gpu_check.sh`` runs it at the default configuration together with the CUDA tests and step.py.)
+
 Complements ``benchmarks/step.py`` (all implementations against AdamW): this one looks inside ``fused=True`` on
 CUDA. Per parameter dtype, on the ~50M-parameter transformer set of step.py, it times ``FAdam(fused=True)`` under
 each launch configuration in ``CONFIGS`` round-robin with ``AdamW(fused=True)`` (CUDA events, a 256 MB buffer

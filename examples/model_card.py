@@ -50,12 +50,18 @@ FADAM_KEYS = {
 class Metric:
     """One measured number, rendered into the card's `model-index` and its results table.
 
-    `type` is the Hub metric id (`accuracy`, `f1`, `wer`, `cer`, ...), `name` the human label.
+    `type` is the Hub metric id (`accuracy`, `f1`, `wer`, `cer`, ...), `name` the human label. A metric measured on
+    another dataset than the card's (e.g. a second test set) names it in `dataset_id` / `dataset_name` /
+    `dataset_split` / `dataset_config`; unset fields fall back to the card's.
     """
 
     type: str
     value: float
     name: str | None = None
+    dataset_id: str | None = None
+    dataset_name: str | None = None
+    dataset_split: str | None = None
+    dataset_config: str | None = None
 
 
 @dataclass
@@ -175,10 +181,10 @@ def build_model_card(info: CardInfo, template_path: str | Path = TEMPLATE_PATH) 
         EvalResult(
             task_type=info.task_type,
             task_name=info.task_name,
-            dataset_type=info.dataset_id,
-            dataset_name=info.dataset_name,
-            dataset_config=info.dataset_config,
-            dataset_split=info.dataset_split,
+            dataset_type=metric.dataset_id or info.dataset_id,
+            dataset_name=metric.dataset_name or info.dataset_name,
+            dataset_config=metric.dataset_config or info.dataset_config,
+            dataset_split=metric.dataset_split or info.dataset_split,
             metric_type=metric.type,
             metric_name=metric.name or metric.type,
             metric_value=round(float(metric.value), 4),

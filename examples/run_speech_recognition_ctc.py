@@ -49,7 +49,6 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import datasets
-import jiwer
 import numpy as np
 import torch
 import transformers
@@ -77,6 +76,7 @@ import hf_fadam
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from make_speech_dataset import make_dataset  # noqa: E402
+from metrics import load_metric  # noqa: E402
 from model_card import CardInfo, Metric, save_model_card  # noqa: E402
 
 
@@ -396,15 +396,20 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
             lambda length: length <= max_length, input_columns=["input_length"], desc="Dropping long utterances"
         )
 
+    wer_metric, cer_metric = load_metric("wer"), load_metric("cer")  # evaluate modules, from examples/metrics offline
+
     def compute_metrics(prediction: EvalPrediction) -> dict[str, float]:
         predicted_ids = np.argmax(prediction.predictions, axis=-1)
         label_ids = np.where(prediction.label_ids == -100, tokenizer.pad_token_id, prediction.label_ids)
         hypotheses = processor.batch_decode(predicted_ids)
         references = processor.batch_decode(label_ids, group_tokens=False)  # labels are not CTC-collapsed
-        # jiwer rejects empty references; keep only pairs whose reference has words.
+        # The Hub's wer/cer modules reject empty references; score only pairs whose reference has words.
         pairs = [(r, h) for r, h in zip(references, hypotheses) if r.strip()]
         references, hypotheses = [r for r, _ in pairs], [h for _, h in pairs]
-        return {"wer": jiwer.wer(references, hypotheses), "cer": jiwer.cer(references, hypotheses)}
+        return {
+            "wer": wer_metric.compute(predictions=hypotheses, references=references),
+            "cer": cer_metric.compute(predictions=hypotheses, references=references),
+        }
 
     trainer = Trainer(
         model=model,

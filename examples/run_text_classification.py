@@ -71,6 +71,7 @@ import hf_fadam
 
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from metrics import load_metric  # noqa: E402
 from model_card import CardInfo, Metric, save_model_card  # noqa: E402
 
 
@@ -200,19 +201,21 @@ def label_names(raw: datasets.DatasetDict, column: str) -> list[str]:
     return [str(v) for v in sorted(values)]
 
 
-def compute_metrics(prediction: EvalPrediction) -> dict[str, float]:
-    """Accuracy and macro-F1 (numpy only, so it needs no metric download)."""
-    logits = prediction.predictions[0] if isinstance(prediction.predictions, tuple) else prediction.predictions
-    predicted = np.argmax(logits, axis=-1)
-    labels = prediction.label_ids
-    f1s = []
-    for label in np.unique(np.concatenate([labels, predicted])):
-        tp = np.sum((predicted == label) & (labels == label))
-        precision_denominator, recall_denominator = np.sum(predicted == label), np.sum(labels == label)
-        precision = tp / precision_denominator if precision_denominator else 0.0
-        recall = tp / recall_denominator if recall_denominator else 0.0
-        f1s.append(2 * precision * recall / (precision + recall) if precision + recall else 0.0)
-    return {"accuracy": float(np.mean(predicted == labels)), "f1": float(np.mean(f1s))}
+def make_compute_metrics():
+    """`compute_metrics` for the Trainer: accuracy and macro-F1 through `evaluate` (modules in `examples/metrics/`)."""
+    accuracy = load_metric("accuracy")
+    f1 = load_metric("f1")
+
+    def compute_metrics(prediction: EvalPrediction) -> dict[str, float]:
+        logits = prediction.predictions[0] if isinstance(prediction.predictions, tuple) else prediction.predictions
+        predicted = np.argmax(logits, axis=-1)
+        labels = prediction.label_ids
+        metrics = accuracy.compute(predictions=predicted, references=labels)
+        # Macro-F1: the mean of the per-label F1 over the labels that are predicted or present.
+        metrics["f1"] = f1.compute(predictions=predicted, references=labels, average="macro")["f1"]
+        return metrics
+
+    return compute_metrics
 
 
 def optimizer_summary(trainer: Trainer, training_args: TrainingArguments) -> dict:
@@ -318,7 +321,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         eval_dataset=eval_dataset,
         processing_class=tokenizer,
         data_collator=DataCollatorWithPadding(tokenizer),
-        compute_metrics=compute_metrics,
+        compute_metrics=make_compute_metrics(),
     )
     if training_args.push_to_hub:
         # Each push (from save_model and at the end) would write the Trainer's generic card over README.md; this
@@ -401,6 +404,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
                 "transformers",
                 "torch",
                 "datasets",
+                "evaluate",
                 "tokenizers",
                 "accelerate",
                 "huggingface_hub",

@@ -5,11 +5,12 @@
 
 from .functional import fadam
 from .optimizer import FAdam
+from .optimizer_8bit import FAdam8bit
 
 
 __version__ = "0.1.0"
 
-__all__ = ["FAdam", "fadam", "register", "__version__"]
+__all__ = ["FAdam", "FAdam8bit", "fadam", "register", "__version__"]
 
 
 def register() -> bool:

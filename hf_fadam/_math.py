@@ -44,13 +44,36 @@ def clip_divisor(rms: Tensor, clip: float) -> Tensor:
     return (rms / clip).clamp_min(1.0)
 
 
-def rms_from_sumsq(sumsq: Tensor, numel: int) -> Tensor:
+def rms_from_sumsq(sumsq: Tensor, numel: int | Tensor) -> Tensor:
     """RMS from a sum of squares over ``numel`` elements; 0 for an empty tensor (never 0/0).
 
-    ``numel`` is the size of the whole logical tensor (``DTensor.numel()`` is global), so a sum that was reduced
-    over shards gives the same RMS as the unsharded tensor.
+    ``numel`` is the size of the whole logical tensor (``DTensor.numel()`` is global; a shard's caller passes the
+    logical size), so a sum that was reduced over shards gives the same RMS as the unsharded tensor. It may be a
+    tensor of sizes, elementwise with a stacked ``sumsq``.
     """
+    if isinstance(numel, Tensor):
+        return (sumsq / numel.clamp_min(1)).sqrt()
     return (sumsq / max(numel, 1)).sqrt()
+
+
+def sumsq(x: Tensor) -> Tensor:
+    """Σx² over all elements of ``x``, accumulated in float64 (0-d float64 tensor).
+
+    ``x`` is cast to float64 *before* squaring, so neither overflow (|x| > 1.8e19 in fp32) nor underflow
+    (|x| < 1e-19) can happen in a lower-precision dtype: fp32 state then gives the RMS that float64 gives.
+    """
+    return x.to(torch.float64).square().sum()
+
+
+def compute_dtype(state_dtype: torch.dtype) -> torch.dtype:
+    """The dtype the elementwise math runs in: the state dtype, but at least float32.
+
+    16-bit state (``state_dtype=torch.bfloat16``/``float16``) is only a storage format: m and f are loaded into
+    float32, updated there and rounded once when stored, as the fused kernels do. Per-tensor scalars (β̂2, 1−β̂2,
+    ε̂, the clip divisors) are float64 and enter the math as float32 at the least, never rounded to 16 bits (a
+    bf16 β̂2 rounds to 1.0 from t ≈ 850 on and freezes the Fisher).
+    """
+    return torch.promote_types(state_dtype, torch.float32)
 
 
 def rms_from_norm(norm: Tensor, numel: int) -> Tensor:

@@ -1,14 +1,39 @@
 """The literal, per-tensor FAdam step: the readable reference and the oracle of every test.
 
-It transcribes FADAM_SPEC.md line by line, one parameter tensor at a time, in the state dtype. Nothing in the
-dispatcher chooses it by default; ``FAdam(..., foreach=False)`` selects it explicitly.
+It transcribes FADAM_SPEC.md line by line, one parameter tensor at a time. The elementwise math runs in the state
+dtype, at least float32 (:func:`hf_fadam._math.compute_dtype`); m and f are stored back in the state dtype. The
+per-tensor scalars (β̂2, ε̂, the clip divisors) are float64, and every sum of squares is accumulated in float64.
+
+The loop is written in the three phases every implementation shares, so that the per-tensor sums can go through
+the ``reduce`` hook between them (see :func:`hf_fadam.functional.fadam`):
+
+1. Σg² per tensor                                  -> reduce
+2. the Fisher update, D, Σ(g/D)² and Σ(θ/D)²       -> reduce
+3. the update, with every RMS = sqrt(sum / numel)
+
+Nothing in the dispatcher chooses it by default; ``FAdam(..., foreach=False)`` selects it explicitly.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
+
+import torch
 from torch import Tensor
 
-from ._math import adaptive_eps, clip_divisor, fisher_beta, rms
+from ._math import adaptive_eps, clip_divisor, compute_dtype, fisher_beta, rms_from_sumsq, sumsq
+
+
+def _reduced(rows: list[list[Tensor]], reduce: Callable[[Tensor], object] | None) -> list[list[Tensor]]:
+    """Pass per-tensor sums (``rows[k][i]``, 0-d float64) through ``reduce`` as one (k, n) buffer, in place."""
+    if reduce is None:
+        return rows
+    if rows[0]:
+        buf = torch.stack([torch.stack(row) for row in rows])
+    else:
+        buf = torch.zeros((len(rows), 0), dtype=torch.float64)
+    reduce(buf)
+    return [list(row.unbind(0)) for row in buf]
 
 
 def _single_tensor_fadam(
@@ -18,6 +43,8 @@ def _single_tensor_fadam(
     fishers: list[Tensor],
     state_steps: list[Tensor],
     *,
+    numels: Sequence[int] | None = None,
+    reduce: Callable[[Tensor], object] | None = None,
     lr: float,
     beta1: float,
     beta2: float,
@@ -27,30 +54,51 @@ def _single_tensor_fadam(
     p: float,
     maximize: bool,
 ) -> None:
-    for param, grad, m, f, step in zip(params, grads, exp_avgs, fishers, state_steps):
-        state_dtype = f.dtype
-        g = (-grad if maximize else grad).to(state_dtype)
-        theta = param.to(state_dtype)
+    if numels is None:
+        numels = [param.numel() for param in params]
 
+    # Phase 1: g (after maximize) in the compute dtype, and Σg².
+    gs, thetas = [], []
+    for param, grad, f, step in zip(params, grads, fishers, state_steps):
         step += 1
-        beta2_hat = fisher_beta(beta2, step).to(state_dtype)
+        ct = compute_dtype(f.dtype)
+        gs.append((-grad if maximize else grad).to(ct))
+        thetas.append(param.to(ct))
+    (grad_sums,) = _reduced([[sumsq(g) for g in gs]], reduce)
 
+    # Phase 2: the Fisher, D = f^p + ε̂, and the sums of the two quantities that get clipped.
+    denoms, nat_grads, decays = [], [], []
+    for g, theta, f, step, grad_sum, numel in zip(gs, thetas, fishers, state_steps, grad_sums, numels):
         # Diagonal empirical Fisher, kept debiased: f_1 = g² because β̂2 = 0 at t = 1.
-        f.mul_(beta2_hat).add_(g * g * (1 - beta2_hat))
+        beta2_hat = fisher_beta(beta2, step)
+        f_new = f.to(g.dtype) * beta2_hat + g * g * (1 - beta2_hat)
+        f.copy_(f_new)
 
-        eps_hat = adaptive_eps(eps, rms(g))
-        denom = f.pow(p) + eps_hat
+        eps_hat = adaptive_eps(eps, rms_from_sumsq(grad_sum, numel))
+        denom = f_new.pow(p) + eps_hat
+        denoms.append(denom)
+        nat_grads.append(g / denom)  # natural gradient
+        decays.append(theta / denom)  # Fisher-preconditioned weight decay
+    # (Σ(θ/D)² is left 0 when there is no weight decay: nothing reads it.)
+    nat_sums, decay_sums = _reduced(
+        [
+            [sumsq(x) for x in nat_grads],
+            [sumsq(w) if weight_decay != 0 else torch.zeros_like(s) for w, s in zip(decays, grad_sums)],
+        ],
+        reduce,
+    )
 
-        # Natural gradient, clipped to RMS <= clip; momentum on it, without bias correction.
-        nat_grad = g / denom
-        nat_grad = nat_grad / clip_divisor(rms(nat_grad), clip)
-        m.mul_(beta1).add_(nat_grad, alpha=1 - beta1)
+    # Phase 3: clip both to RMS <= clip; momentum on the natural gradient, without bias correction; the step.
+    for param, theta, m, nat_grad, w, nat_sum, decay_sum, numel in zip(
+        params, thetas, exp_avgs, nat_grads, decays, nat_sums, decay_sums, numels
+    ):
+        nat_grad = nat_grad / clip_divisor(rms_from_sumsq(nat_sum, numel), clip)
+        m_new = m.to(nat_grad.dtype).mul(beta1).add_(nat_grad, alpha=1 - beta1)
+        m.copy_(m_new)
 
-        update = m
+        update = m_new
         if weight_decay != 0:
-            # Fisher-preconditioned weight decay, clipped like the natural gradient.
-            w = theta / denom
-            w = w / clip_divisor(rms(w), clip)
-            update = m + weight_decay * w
+            w = w / clip_divisor(rms_from_sumsq(decay_sum, numel), clip)
+            update = m_new + weight_decay * w
 
         param.copy_(theta.add(update, alpha=-lr))

@@ -2,15 +2,16 @@ r"""``FAdam``: the optimizer class. It validates hyperparameters, holds state an
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable, Iterable
-from itertools import chain
 from typing import Any
 
 import torch
 from torch import Tensor
 from torch.optim.optimizer import Optimizer
 
-from .functional import fadam
+from ._flat import flat_fadam_group, get_layout
+from .functional import describe_implementation, fadam
 
 
 __all__ = ["FAdam"]
@@ -115,7 +116,9 @@ class FAdam(Optimizer):
           ``max(1, RMS)/c`` amplifies for c > 1), the step is counted per tensor, and an all-zero gradient stays
           finite (ε̂ = ε when RMS(g) = 0).
         - Under FSDP2 (DTensor parameters) every RMS is reduced over the shards, so the update does not depend on
-          the number of processes. Flat-parameter engines (DeepSpeed ZeRO, FSDP1) break per-tensor semantics.
+          the number of processes. Under DeepSpeed ZeRO 1-3 each group holds one flat partition that cuts across
+          tensors; :mod:`hf_fadam.integrations.deepspeed` maps it back to parameters (``hf_fadam._flat``), so
+          every RMS is still per whole tensor. FSDP1's flat shards are not mapped.
 
     State per parameter: ``step`` (0-d float32 tensor on the parameter's device), ``exp_avg`` (m), ``fisher`` (f).
     """
@@ -151,6 +154,11 @@ class FAdam(Optimizer):
         defaults["state_dtype"] = _parse_state_dtype(state_dtype)
         defaults["betas"] = tuple(float(b) for b in betas)
         super().__init__(params, defaults)
+        if "deepspeed" in sys.modules:
+            # DeepSpeed replaces each group's params by flat partitions: have it describe them to FAdam.
+            from .integrations.deepspeed import install
+
+            install()
         # GradScaler hands grad_scale/found_inf to optimizers that unscale inside the step: the fused kernels do.
         if fused:
             self._step_supports_amp_scaling = True
@@ -165,7 +173,9 @@ class FAdam(Optimizer):
             raise ValueError(f"Invalid betas: {betas!r}; it must be a pair (beta1, beta2)")
         for i, beta in enumerate(betas):
             _check_number(f"beta{i + 1}", beta, _is_real(beta) and 0.0 <= beta < 1.0, f"0 <= beta{i + 1} < 1")
-        _check_number("eps", group["eps"], _is_real(group["eps"]) and group["eps"] >= 0, "eps >= 0")
+        # eps = 0 would make D = f^p + ε̂ zero wherever f = 0 (a zero gradient, or an element that never had one):
+        # 0/0 = NaN. ε̂ = ε is the zero-gradient guard, so ε must be positive.
+        _check_number("eps", group["eps"], _is_real(group["eps"]) and group["eps"] > 0, "eps > 0")
         wd = group["weight_decay"]
         _check_number("weight_decay", wd, _is_real(wd) and wd >= 0, "weight_decay >= 0")
         _check_number("clip", group["clip"], _is_real(group["clip"]) and group["clip"] > 0, "clip > 0")
@@ -241,6 +251,14 @@ class FAdam(Optimizer):
         grad_scale = getattr(self, "grad_scale", None)
         found_inf = getattr(self, "found_inf", None)
         for group in self.param_groups:
+            if any(get_layout(param) is not None for param in group["params"]):
+                # Flat partitions of an engine (DeepSpeed ZeRO), described by its integration: per fragment.
+                for param in group["params"]:
+                    layout = get_layout(param)
+                    if layout is None:
+                        raise RuntimeError("FAdam: a param group mixes flat partitions and ordinary parameters")
+                    flat_fadam_group(self.state, group, param, layout, grad_scale=grad_scale, found_inf=found_inf)
+                continue
             params: list[Tensor] = []
             grads: list[Tensor] = []
             exp_avgs: list[Tensor] = []
@@ -269,34 +287,90 @@ class FAdam(Optimizer):
             )
         return loss
 
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Load state, keeping each state tensor's dtype (torch's base class would cast it to the param dtype).
+    def describe_implementation(self) -> str:
+        """The implementation ``step`` runs, e.g. ``"fused (C kernel, cpu)"``, ``"foreach"`` or ``"for-loop reference"``.
 
-        ``exp_avg``/``fisher`` come back in the group's state dtype (float32 for bf16 params by default) and
-        ``step`` as a float32 tensor on the parameter's device, so a resumed run continues exactly. The tensors are
-        copied, so the optimizer never shares state with the dict it was loaded from.
+        Resolved per param group from its parameters, their state dtype and the group's ``foreach``/``fused`` flags,
+        as :func:`hf_fadam.functional.describe_implementation` does; groups that differ are listed one by one.
         """
-        saved_state = state_dict["state"]
-        super().load_state_dict({**state_dict, "state": {}})
-        saved_ids = chain.from_iterable(g["params"] for g in state_dict["param_groups"])
-        params = chain.from_iterable(g["params"] for g in self.param_groups)
-        id_to_param = dict(zip(saved_ids, params))
-        param_to_group = {id(p): g for g in self.param_groups for p in g["params"]}
-        for key, value in saved_state.items():
-            param = id_to_param.get(key)
-            if param is None:
-                self.state[key] = value
+        answers: dict[int, str] = {}
+        for index, group in enumerate(self.param_groups):
+            params = [p for p in group["params"] if isinstance(p, Tensor)]
+            if not params:
                 continue
-            state_dtype = resolve_state_dtype(param.dtype, param_to_group[id(param)]["state_dtype"])
-            restored = {}
-            for name, tensor in value.items():
-                if not isinstance(tensor, Tensor):
-                    restored[name] = tensor
-                elif name == "step":
-                    restored[name] = tensor.to(dtype=torch.float32, device=param.device, copy=True)
-                else:
-                    restored[name] = tensor.to(dtype=state_dtype, device=param.device, copy=True)
-            self.state[param] = restored
+            fishers = [
+                self.state[p]["fisher"]
+                if "fisher" in self.state.get(p, {})
+                else torch.empty(0, dtype=resolve_state_dtype(p.dtype, group["state_dtype"]), device=p.device)
+                for p in params
+            ]
+            answers[index] = describe_implementation(params, fishers, group["foreach"], group["fused"])
+        if len(set(answers.values())) <= 1:
+            return next(iter(answers.values()), "no parameters")
+        return "; ".join(f"group {i}: {answer}" for i, answer in answers.items())
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load state as torch's ``Optimizer.load_state_dict`` does, but keep each state tensor's dtype.
+
+        torch's base class casts every floating-point state tensor to its parameter's dtype, which would round
+        float32 state of bfloat16 params through bfloat16. Here ``exp_avg``/``fisher`` come back in the group's state
+        dtype (float32 for bf16 params by default) and ``step`` as a float32 tensor on the parameter's device, so a
+        resumed run continues exactly. The tensors are copied, so the optimizer never shares state with the dict it
+        was loaded from.
+
+        The load runs inside torch's hook contract: hooks added with ``register_load_state_dict_pre_hook`` run first
+        and their edits of ``state_dict`` (including ``"state"``) are what is loaded; hooks added with
+        ``register_load_state_dict_post_hook`` run after ``self.state`` holds the loaded, dtype-restored state. To do
+        that, two hooks of FAdam's own are added for the duration of the call: a pre-hook that runs after every other
+        pre-hook and hands the tensors of ``"state"`` to the base class in an opaque box (so it does not cast them),
+        and a post-hook that runs before every other post-hook and unboxes them with the right dtype and device.
+        """
+        pre = self.register_load_state_dict_pre_hook(_box_state_tensors)  # appended: runs after the user's
+        post = self.register_load_state_dict_post_hook(_unbox_state_tensors, prepend=True)  # runs first
+        try:
+            super().load_state_dict(state_dict)
+        finally:
+            pre.remove()
+            post.remove()
+
+
+class _Boxed:
+    """A state tensor passed through ``Optimizer.load_state_dict`` untouched (its per-value cast skips non-tensors)."""
+
+    __slots__ = ("tensor",)
+
+    def __init__(self, tensor: Tensor) -> None:
+        self.tensor = tensor
+
+
+def _box_state_tensors(optimizer: Optimizer, state_dict: dict[str, Any]) -> dict[str, Any]:
+    """Pre-hook: a new state dict (the caller's is not modified) whose per-param state tensors are boxed."""
+    state = {
+        key: {name: _Boxed(v) if isinstance(v, Tensor) else v for name, v in value.items()}
+        if isinstance(value, dict)
+        else value
+        for key, value in state_dict["state"].items()
+    }
+    return {**state_dict, "state": state}
+
+
+def _unbox_state_tensors(optimizer: Optimizer) -> None:
+    """Post-hook: turn the boxes into copies in the state dtype (``step``: float32) on each parameter's device."""
+    param_group = {id(p): g for g in optimizer.param_groups for p in g["params"]}
+    for key, value in optimizer.state.items():
+        if not isinstance(value, dict):
+            continue
+        group = param_group.get(id(key)) if isinstance(key, Tensor) else None
+        for name, item in value.items():
+            if not isinstance(item, _Boxed):
+                continue
+            if group is None:  # state not assigned to a parameter: kept as it was saved, like the base class does
+                value[name] = item.tensor
+            elif name == "step":
+                value[name] = item.tensor.to(dtype=torch.float32, device=key.device, copy=True)
+            else:
+                state_dtype = resolve_state_dtype(key.dtype, group["state_dtype"])
+                value[name] = item.tensor.to(dtype=state_dtype, device=key.device, copy=True)
 
 
 def _is_real(value: Any) -> bool:

@@ -1,18 +1,22 @@
-"""FAdam on real distributed engines (CPU, gloo, 2 processes): DDP and FSDP2 exact, DeepSpeed ZeRO and FSDP1 guarded.
+"""FAdam on real distributed engines (CPU, gloo, 2 and 4 processes): DDP, FSDP2, HSDP and TP exact; FSDP1 guarded.
 
 FAdam's per-tensor RMS (adaptive epsilon, both clips) must be taken over the whole logical tensor even when each
 process holds a shard (FADAM_SPEC.md decision 6), otherwise the update silently depends on the number of processes.
 
 Three groups, each paying for its process starts once:
 
-* ``tests/distributed/dtensor_checks.py`` (one ``torch.multiprocessing.spawn`` of 2 ranks): the for-loop, foreach
-  and default implementations on DTensors equal the unsharded for-loop (``Shard(0)`` with uneven rows and an empty
-  shard, ``Shard(1)``, HSDP, DTensors mixed with plain tensors, bf16), a per-shard implementation is detectably
-  wrong, ``fused=True`` refuses DTensors, ``fully_shard`` training equals one process, and DCP save/load (with its
-  dummy zero-grad, lr = 0 init step) round-trips.
+* ``tests/distributed/dtensor_checks.py``, one ``torch.multiprocessing.spawn`` of 2 ranks and one of 4: every
+  implementation on DTensors (the for-loop on the DTensors themselves; foreach, the C kernel and interpreted Triton
+  on the local shards through ``hf_fadam/_sharded.py``) equals the unsharded for-loop, for ``Shard(0)`` with
+  uneven rows and empty shards, ``Shard(1)``, HSDP (1 x 2 and 2 x 2), FSDP x TP ``(Shard(0), Shard(1))`` on 2 x 2,
+  DTensors of several placements mixed with plain tensors in one group, a redistributed gradient, fp32 and bf16;
+  a step costs exactly 2 all-reduces per param group and sharding group whatever the number of tensors; a
+  per-shard implementation is detectably wrong; ``Partial`` params are refused; ``fully_shard`` training equals one
+  process, and DCP save/load (with its dummy zero-grad, lr = 0 init step) round-trips.
 * ``tests/distributed/trainer_runs.py``: ``--optim fadam`` through the Trainer in one process and under
   ``torchrun --nproc_per_node 2`` (DDP, then FSDP2 through accelerate), each with a checkpoint and a resume.
-* In-process: the Trainer handler refuses DeepSpeed and FSDP1 (and accepts them with ``allow_flat_shards=true``).
+* In-process: the Trainer handler refuses FSDP1 (and accepts it with ``allow_flat_shards=true``) and accepts
+  DeepSpeed ZeRO, FSDP2 and DDP.
 
 Each check is reported as its own test. Workers write JSON/tensors to a temporary folder; the assertions are here.
 """
@@ -50,6 +54,9 @@ def _env() -> dict[str, str]:
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO_ROOT), env.get("PYTHONPATH")) if p)
     env.setdefault("GLOO_SOCKET_IFNAME", "lo")  # loopback only
     env["OMP_NUM_THREADS"] = "1"  # two ranks share the CPU
+    # fused=True and the default run the C kernel, as users get them on CPU (conftest's TRITON_INTERPRET=1 would
+    # otherwise make fused=True run the interpreted Triton kernels, and the default foreach).
+    env.setdefault("HF_FADAM_CPU_FUSED_BACKEND", "c")
     for var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE"):
         env.setdefault(var, "1")
     env.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -75,60 +82,134 @@ def _run(cmd: list[str], what: str, ok_codes: tuple[int, ...] = (0,)) -> str:
 # DTensor / fully_shard / DCP checks (one spawned run)
 # ---------------------------------------------------------------------------------------------------------------
 
-DTENSOR_CHECKS = [
-    "dtensor_parity[for_loop]",
-    "dtensor_parity[foreach]",
-    "dtensor_parity[default]",
-    "dtensor_parity[for_loop,bf16]",
-    "dtensor_parity[foreach,bf16]",
-    "dtensor_parity[foreach,shard1]",
-    "dtensor_parity[foreach,hsdp]",
-    "dtensor_parity[foreach,mixed_plain_and_dtensor]",
-    "per_shard_mutant_is_detected",
-    "dtensor_state_layout",
-    "dtensor_comms[for_loop]",
-    "dtensor_comms[foreach]",
-    "fused_true_refuses_dtensor",
-    "fused_none_resolves_to_foreach_for_dtensor",
-    "fsdp2_fully_shard_equals_single_process[for_loop]",
-    "fsdp2_fully_shard_equals_single_process[default]",
-    "fsdp2_dcp_roundtrip_and_dummy_step[fp32]",
-    "fsdp2_dcp_roundtrip_and_dummy_step[bf16]",
-]
+DTENSOR_CHECKS = {
+    2: [
+        "dtensor_parity[for_loop]",
+        "dtensor_parity[foreach]",
+        "dtensor_parity[default]",
+        "dtensor_parity[fused]",
+        "dtensor_parity[fused_triton]",
+        "dtensor_parity[for_loop,bf16]",
+        "dtensor_parity[foreach,bf16]",
+        "dtensor_parity[default,bf16]",
+        "dtensor_parity[fused,bf16]",
+        "dtensor_parity[foreach,shard1]",
+        "dtensor_parity[foreach,hsdp]",
+        "dtensor_parity[foreach,mixed]",
+        "dtensor_parity[default,shard1]",
+        "dtensor_parity[default,hsdp]",
+        "dtensor_parity[default,mixed]",
+        "dtensor_parity[default,grad_replicate]",
+        "per_shard_mutant_is_detected",
+        "dtensor_state_layout",
+        "dtensor_comms[for_loop]",
+        "dtensor_comms[foreach]",
+        "dtensor_comms[default]",
+        "dtensor_comms[fused]",
+        "dtensor_comms[default,mixed]",
+        "partial_param_refused",
+        "describe_sharded_path",
+        "fsdp2_fully_shard_equals_single_process[for_loop]",
+        "fsdp2_fully_shard_equals_single_process[default]",
+        "fsdp2_dcp_roundtrip_and_dummy_step[fp32]",
+        "fsdp2_dcp_roundtrip_and_dummy_step[bf16]",
+    ],
+    4: [
+        "dtensor_parity[foreach,shard0]",
+        "dtensor_parity[default,shard0]",
+        "dtensor_parity[default,shard0,bf16]",
+        "dtensor_parity[foreach,hsdp]",
+        "dtensor_parity[default,hsdp]",
+        "dtensor_parity[foreach,fsdp_tp]",
+        "dtensor_parity[default,fsdp_tp]",
+        "dtensor_parity[foreach,mixed_2d]",
+        "dtensor_parity[default,mixed_2d]",
+        "dtensor_parity[for_loop,fsdp_tp]",
+        "dtensor_parity[default,fsdp_tp,bf16]",
+        "dtensor_parity[default,fsdp_tp_strided]",
+        "dtensor_comms[default,shard0]",
+        "dtensor_comms[default,hsdp]",
+        "dtensor_comms[default,fsdp_tp]",
+        "dtensor_comms[default,fsdp_tp_strided]",
+        "dtensor_comms[default,mixed_2d]",
+        "process_group_over_mesh_dims",
+    ],
+}
 
 
-@pytest.fixture(scope="module")
-def dtensor_results(tmp_path_factory):
+def _triton_available() -> bool:
+    try:
+        from hf_fadam.kernels import triton_fadam
+    except ImportError:
+        return False
+    return triton_fadam.is_available()
+
+
+def _expected_checks(world: int) -> list[str]:
+    """The worker skips the interpreted-Triton check where Triton is not importable."""
+    return [n for n in DTENSOR_CHECKS[world] if "fused_triton" not in n or _triton_available()]
+
+
+_DTENSOR_RUNS: dict[int, tuple[dict[str, list[dict]], str] | str] = {}
+
+
+def _dtensor_results(world: int, tmp_path_factory) -> tuple[dict[str, list[dict]], str]:
+    """Run the checks of one world size once per session (one spawn); results per check, per rank."""
+    if world not in _DTENSOR_RUNS:
+        try:
+            _DTENSOR_RUNS[world] = _spawn_dtensor_checks(world, tmp_path_factory)
+        except pytest.fail.Exception as exc:  # a crash or hang: fail every test of this world, without rerunning
+            _DTENSOR_RUNS[world] = str(exc)
+    run = _DTENSOR_RUNS[world]
+    if isinstance(run, str):
+        pytest.fail(run)
+    return run
+
+
+def _spawn_dtensor_checks(world: int, tmp_path_factory) -> tuple[dict[str, list[dict]], str]:
     pytest.importorskip("torch.distributed.tensor", reason="DTensor (torch.distributed.tensor) is not available")
     pytest.importorskip("torch.distributed.fsdp", reason="FSDP2 is not available")
     from torch.distributed import fsdp
 
     if not hasattr(fsdp, "fully_shard"):
         pytest.skip("torch.distributed.fsdp.fully_shard (FSDP2) needs torch >= 2.6")
-    out = tmp_path_factory.mktemp("dtensor_checks")
+    out = tmp_path_factory.mktemp(f"dtensor_checks_world{world}")
     # Exit status 1 means "some check failed": each check's own test reports which.
-    output = _run([sys.executable, str(DIST_DIR / "dtensor_checks.py"), str(out)], "dtensor_checks", ok_codes=(0, 1))
+    cmd = [sys.executable, str(DIST_DIR / "dtensor_checks.py"), str(out), f"--world={world}"]
+    output = _run(cmd, f"dtensor_checks (world {world})", ok_codes=(0, 1))
     results: dict[str, list[dict]] = {}
-    for rank in range(WORLD_SIZE):
+    for rank in range(world):
         path = out / f"results_rank{rank}.json"
         for name, res in (json.loads(path.read_text()) if path.exists() else {}).items():
             results.setdefault(name, []).append({"rank": rank, **res})
     return results, output
 
 
-@pytest.mark.parametrize("name", DTENSOR_CHECKS)
-def test_dtensor(dtensor_results, name):
-    results, output = dtensor_results
+def _check(world: int, name: str, tmp_path_factory) -> None:
+    results, output = _dtensor_results(world, tmp_path_factory)
+    if name not in _expected_checks(world):
+        pytest.skip(f"{name}: Triton is not importable here")
     per_rank = results.get(name, [])
-    if len(per_rank) != WORLD_SIZE:
-        pytest.fail(f"{name} ran on {len(per_rank)} of {WORLD_SIZE} ranks; worker output:\n{output[-6000:]}")
+    if len(per_rank) != world:
+        pytest.fail(f"{name} ran on {len(per_rank)} of {world} ranks; worker output:\n{output[-6000:]}")
     failures = [f"rank {r['rank']}: {r['error']}\n{r['traceback']}" for r in per_rank if not r["ok"]]
     assert not failures, "\n".join(failures)
 
 
-def test_dtensor_worker_ran_every_check(dtensor_results):
-    results, _ = dtensor_results
-    assert sorted(results) == sorted(DTENSOR_CHECKS)
+@pytest.mark.parametrize("name", DTENSOR_CHECKS[2])
+def test_dtensor(tmp_path_factory, name):
+    _check(2, name, tmp_path_factory)
+
+
+@pytest.mark.parametrize("name", DTENSOR_CHECKS[4])
+def test_dtensor_4_ranks(tmp_path_factory, name):
+    _check(4, name, tmp_path_factory)
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_dtensor_worker_ran_every_check(tmp_path_factory, world):
+    results, _ = _dtensor_results(world, tmp_path_factory)
+    assert sorted(results) == sorted(_expected_checks(world))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -212,7 +293,7 @@ def test_trainer_fsdp2_steps_on_sharded_dtensors(trainer_runs):
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# DeepSpeed ZeRO and FSDP1: the Trainer handler refuses them; allow_flat_shards=true opts in (in-process)
+# FSDP1: the Trainer handler refuses it, allow_flat_shards=true opts in; DeepSpeed ZeRO is accepted (in-process)
 # ---------------------------------------------------------------------------------------------------------------
 
 # Read by the guard, or written by TrainingArguments (FSDP_CPU_RAM_EFFICIENT_LOADING): restored after each test.
@@ -236,10 +317,12 @@ GUARD_CASES = {
     # `accelerate launch --use_fsdp` without --fsdp_version exports FSDP_VERSION=1 (accelerate/utils/launch.py).
     "fsdp1_accelerate_launch": ({}, {}, {"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "1"}, False, "FSDP1"),
     "fsdp1_wrapped_model": ({}, {}, {}, True, "FSDP1"),
+    # DeepSpeed ZeRO is accepted: hf_fadam.integrations.deepspeed maps its flat partitions back to parameters
+    # (tests/test_deepspeed.py tests that, and the refusal of NVMe optimizer offload).
     # TrainingArguments(deepspeed=...) needs the deepspeed package (not installed here); the guard reads the
     # attribute, so it is set after construction, as TrainingArguments would have set it.
-    "deepspeed_config_dict": ({}, {"deepspeed": {"zero_optimization": {"stage": 2}}}, {}, False, "DeepSpeed"),
-    "deepspeed_accelerate_launch": ({}, {}, {"ACCELERATE_USE_DEEPSPEED": "true"}, False, "DeepSpeed"),
+    "deepspeed_config_dict": ({}, {"deepspeed": {"zero_optimization": {"stage": 2}}}, {}, False, None),
+    "deepspeed_accelerate_launch": ({}, {}, {"ACCELERATE_USE_DEEPSPEED": "true"}, False, None),
     "fsdp2_fsdp_config": ({"fsdp": True, "fsdp_config": {"version": 2}}, {}, {}, False, None),
     "fsdp2_accelerate_launch": ({}, {}, {"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2"}, False, None),
     "ddp_plain": ({}, {}, {}, False, None),
@@ -299,3 +382,23 @@ def test_trainer_guard_opt_in(fadam_trainer, case, tmp_path, monkeypatch, caplog
     assert cls.__name__ == "FAdam"
     assert "allow_flat_shards" not in kwargs
     assert any("allow_flat_shards" in r.getMessage() for r in caplog.records), caplog.text
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# benchmarks/sharded_step.py: runs, passes its own correctness check, and counts 2 collectives per FAdam step
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_sharded_step_benchmark_smoke(tmp_path):
+    out = tmp_path / "sharded_step"
+    cmd = [
+        sys.executable, str(REPO_ROOT / "benchmarks" / "sharded_step.py"),
+        "--tensors", "6", "--steps", "2", "--warmup", "0", "--out", str(out),
+    ]  # fmt: skip
+    _run(cmd, "benchmarks/sharded_step.py")
+    (row,) = json.loads(out.with_suffix(".json").read_text())["rows"]
+    assert row["fadam_ok"], row
+    assert row["collectives_per_step"] == {"fadam_default": 2, "adamw_foreach": 0}, row
+    assert row["fadam_implementation"].startswith("sharded DTensor"), row
+    assert "FAIL" not in out.with_suffix(".md").read_text()

@@ -81,12 +81,16 @@ def test_default_dispatch_runs_and_matches():
 
 
 def test_default_dispatch_falls_back_when_the_cpu_kernel_lacks_the_dtype_pair(monkeypatch):
-    # bf16 state for fp32 params is not a pair the C kernel implements: fused=None must pick foreach, not raise.
+    # A pair the C kernel does not implement (today it implements all 16 float pairs; simulated here): fused=None
+    # must pick foreach, not raise.
     monkeypatch.setenv("HF_FADAM_CPU_FUSED_BACKEND", "c")
     from hf_fadam.functional import resolve_implementation
+    from hf_fadam.kernels import cpu_fused
 
+    monkeypatch.setattr(cpu_fused, "is_supported", lambda pd, sd: (pd, sd) != (torch.float32, torch.bfloat16))
     params = [torch.zeros(3)]
     assert resolve_implementation(params, None, None, [torch.zeros(3, dtype=torch.bfloat16)]) == "foreach"
+    assert resolve_implementation(params, None, None, [torch.zeros(3)]) == "fused"
     from hf_fadam import FAdam
 
     param = torch.nn.Parameter(torch.randn(5))

@@ -88,3 +88,110 @@ def test_state_dict_keys_and_group_hyperparameters_round_trip():
     opt2.load_state_dict(sd)
     assert opt2.param_groups[0]["state_dtype"] == torch.float64
     assert next(iter(opt2.state.values()))["fisher"].dtype == torch.float64
+
+
+def _trained_bf16_fadam():
+    param = torch.nn.Parameter(torch.randn(8, dtype=torch.bfloat16))
+    opt = FAdam([param])
+    param.grad = torch.randn(8, dtype=torch.bfloat16)
+    opt.step()
+    return opt, param
+
+
+def test_load_pre_hook_edits_of_state_are_loaded():
+    """torch's contract (AdamW honours it): what a load_state_dict pre-hook returns is what gets loaded."""
+    opt, param = _trained_bf16_fadam()
+    saved = _roundtrip(opt.state_dict())
+    fisher = saved["state"][0]["fisher"]
+    fresh = torch.nn.Parameter(param.detach().clone())
+    opt2 = FAdam([fresh])
+    seen_by_hook = []
+
+    def rescale_fisher(optimizer, state_dict):
+        seen_by_hook.append(optimizer)
+        state = {k: {**v, "fisher": v["fisher"] * 3.0} for k, v in state_dict["state"].items()}
+        return {**state_dict, "state": state}
+
+    opt2.register_load_state_dict_pre_hook(rescale_fisher)
+    opt2.load_state_dict(saved)
+    assert seen_by_hook == [opt2]
+    loaded = opt2.state[fresh]["fisher"]
+    assert loaded.dtype == torch.float32  # still the state dtype, not the bf16 param dtype
+    assert torch.equal(loaded, fisher * 3.0)
+    assert torch.equal(saved["state"][0]["fisher"], fisher)  # the caller's dict is not modified
+
+
+def test_load_pre_hook_in_place_edit_is_loaded():
+    opt, param = _trained_bf16_fadam()
+    saved = _roundtrip(opt.state_dict())
+    fresh = torch.nn.Parameter(param.detach().clone())
+    opt2 = FAdam([fresh])
+
+    def bump_step(optimizer, state_dict):
+        state_dict["state"][0]["step"] = torch.tensor(41.0)
+
+    opt2.register_load_state_dict_pre_hook(bump_step)
+    opt2.load_state_dict(saved)
+    step = opt2.state[fresh]["step"]
+    assert step.dtype == torch.float32 and step.item() == 41.0
+
+
+def test_load_post_hook_sees_the_loaded_state():
+    opt, param = _trained_bf16_fadam()
+    saved = _roundtrip(opt.state_dict())
+    fresh = torch.nn.Parameter(param.detach().clone())
+    opt2 = FAdam([fresh])
+    seen = {}
+
+    def record(optimizer):
+        state = optimizer.state[fresh]
+        seen.update({k: (v.dtype, v.clone()) for k, v in state.items()})
+
+    opt2.register_load_state_dict_post_hook(record)
+    opt2.load_state_dict(saved)
+    assert set(seen) == {"step", "exp_avg", "fisher"}
+    assert seen["fisher"][0] == torch.float32 and seen["exp_avg"][0] == torch.float32
+    assert torch.equal(seen["fisher"][1], opt.state[param]["fisher"])  # not rounded through bf16
+    assert seen["step"] == (torch.float32, torch.tensor(1.0))
+
+
+def _load_through_hooks(cls):
+    """Load a trained ``cls`` state dict through a pre-hook that zeroes exp_avg and a post-hook that records."""
+    param = torch.nn.Parameter(torch.randn(4))
+    opt = cls([param])
+    param.grad = torch.randn(4)
+    opt.step()
+    saved = _roundtrip(opt.state_dict())
+    fresh = torch.nn.Parameter(param.detach().clone())
+    opt2 = cls([fresh])
+    post_seen = []
+
+    def zero_exp_avg(optimizer, state_dict):
+        state = {k: {**v, "exp_avg": v["exp_avg"] * 0} for k, v in state_dict["state"].items()}
+        return {**state_dict, "state": state}
+
+    opt2.register_load_state_dict_pre_hook(zero_exp_avg)
+    opt2.register_load_state_dict_post_hook(lambda o: post_seen.append(sorted(o.state[fresh])))
+    opt2.load_state_dict(saved)
+    return post_seen, torch.count_nonzero(opt2.state[fresh]["exp_avg"]).item()
+
+
+def test_load_hooks_behave_as_for_torch_adamw():
+    """The same hooks on AdamW and FAdam: the pre-hook's edit is loaded and the post-hook sees the state."""
+    adamw_seen, adamw_nonzero = _load_through_hooks(torch.optim.AdamW)
+    fadam_seen, fadam_nonzero = _load_through_hooks(FAdam)
+    assert adamw_seen == [["exp_avg", "exp_avg_sq", "step"]] and adamw_nonzero == 0
+    assert fadam_seen == [["exp_avg", "fisher", "step"]] and fadam_nonzero == 0
+
+
+def test_state_not_assigned_to_a_param_is_kept_as_saved():
+    param = torch.nn.Parameter(torch.randn(4))
+    opt = FAdam([param])
+    param.grad = torch.randn(4)
+    opt.step()
+    sd = opt.state_dict()
+    extra = torch.ones(2, dtype=torch.float64)
+    sd["state"]["not-a-param"] = {"buffer": extra}
+    opt2 = FAdam([torch.nn.Parameter(param.detach().clone())])
+    opt2.load_state_dict(sd)
+    assert opt2.state["not-a-param"]["buffer"] is extra

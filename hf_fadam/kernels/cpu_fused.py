@@ -4,17 +4,15 @@ Why C and not ``torch.compile``: FAdam needs three per-tensor reductions before 
 best Inductor formulation measured on CPU still made 3 sweeps with a materialised temporary (~52 B/param, 2.9-3.4x
 the step time of ``torch.optim.AdamW(fused=True)``). The kernel in ``_fadam_cpu.c`` makes the minimal three passes
 (sum g²; sums of (g/D)² and (θ/D)² with the new Fisher recomputed, not stored; the update), which is 44 B/param for
-fp32 against AdamW's 28 B, with no temporaries, and steps every tensor of a group in one call (OpenMP inside,
-``torch.get_num_threads()`` threads). See ``docs/CONTRACT.md`` for the entry point.
+fp32 against AdamW's 28 B, with no temporaries, and steps every tensor of a call in one C call per pass and
+(param dtype, state dtype) pair (OpenMP inside, ``torch.get_num_threads()`` threads). With a ``reduce`` hook the
+three passes are separate calls with the reduction between them; without one, a single call runs them back to back
+(each small tensor's three passes while it is in L1/L2). See ``docs/CONTRACT.md`` for the entry point.
 
-Build: the system C compiler (``$CC``, else ``cc``/``gcc``/``clang``) compiles the C file with ``-O3
--march=native -fopenmp`` (falling back to portable flags and then to no OpenMP when the compiler refuses those)
-into ``$HF_FADAM_CACHE_DIR`` (default ``~/.cache/hf_fadam``), in a directory named by a hash of the source, the
-flags, the compiler's version and the CPU, so a changed kernel, compiler or machine never loads a stale binary. The
-library is written to a temporary name and renamed into place, so concurrent processes (DDP ranks, test workers)
-can build at the same time safely (an unwritable cache directory falls back to a per-user directory under the
-system temp dir). The first build takes about a second. ``HF_FADAM_DISABLE_CPU_KERNEL=1`` makes
-:func:`is_available` return False (the dispatcher then uses the foreach path, and ``fused=True`` raises).
+Build: :mod:`hf_fadam.kernels._cpu_build` compiles the C file at first use (``-O3 -march=native -fopenmp`` with the
+system C compiler), caches it in ``$HF_FADAM_CACHE_DIR`` (default ``~/.cache/hf_fadam``) and loads it only from
+directories that nobody else can write. ``HF_FADAM_DISABLE_CPU_KERNEL=1`` makes :func:`is_available` return False
+(the dispatcher then uses the foreach path, and ``fused=True`` raises).
 
 Layouts: params, grads and state that are contiguous, or that share one dense (non-overlapping) layout such as a
 transposed view, are used in place: the update is elementwise and the RMS is order-independent. Anything else
@@ -24,47 +22,31 @@ transposed view, are used in place: the update is elementwise and the RMS is ord
 from __future__ import annotations
 
 import ctypes
-import hashlib
-import os
-import platform
-import shutil
-import subprocess
-import tempfile
+import functools
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
 from torch import Tensor
 
 from .._math import fisher_beta
+from . import _cpu_build
 
 
 __all__ = ["fadam_cpu_", "is_available", "is_supported", "unavailable_reason", "library_path"]
 
 _SOURCE = Path(__file__).with_name("_fadam_cpu.c")
-_ABI = 1
-_BASE_FLAGS = ["-O3", "-std=c11", "-fPIC", "-shared", "-ffp-contract=off", "-fno-math-errno", "-fno-trapping-math"]
-# Tried in order until one compiles and loads: native ISA + OpenMP, portable + OpenMP, then without the OpenMP
-# runtime (the kernel is then single-threaded; -fopenmp-simd still lets the double-precision sums vectorize).
-_FLAG_SETS = (
-    ["-march=native", "-fopenmp"],
-    ["-fopenmp"],
-    ["-march=native", "-fopenmp-simd"],
-    ["-fopenmp-simd"],
-    ["-march=native"],
-    [],
-)
+_ABI = 2
+# The build machinery, under the names the tests use.
+_FLAG_SETS = _cpu_build.FLAG_SETS
+_compiler = _cpu_build.compiler
+_build = functools.partial(_cpu_build.build, _SOURCE)
 
-# (param dtype, state dtype) -> exported C symbol suffix. The compute type is the state dtype, as in the for-loop.
-_KERNELS = {
-    (torch.float32, torch.float32): "f32_f32",
-    (torch.float64, torch.float64): "f64_f64",
-    (torch.bfloat16, torch.float32): "bf16_f32",
-    (torch.float16, torch.float32): "f16_f32",
-    (torch.float32, torch.float64): "f32_f64",
-    (torch.float64, torch.float32): "f64_f32",
-}
+# (param dtype, state dtype) -> exported C symbol suffix: every pair of the four float dtypes. The compute type is
+# the state dtype, at least float32, as in the for-loop (hf_fadam._math.compute_dtype).
+_DTYPE_SUFFIX = {torch.float32: "f32", torch.float64: "f64", torch.bfloat16: "bf16", torch.float16: "f16"}
+_KERNELS = {(pd, sd): f"{ps}_{ss}" for pd, ps in _DTYPE_SUFFIX.items() for sd, ss in _DTYPE_SUFFIX.items()}
 
 
 class _HParams(ctypes.Structure):
@@ -87,90 +69,23 @@ _lib_path: Path | None = None
 _error: str | None = None
 
 
-def _compiler() -> str | None:
-    for name in (os.environ.get("CC"), "cc", "gcc", "clang"):
-        if name and shutil.which(name):
-            return shutil.which(name)
-    return None
-
-
-def _compiler_version(cc: str) -> str:
-    try:
-        out = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30)
-        return out.stdout.strip()
-    except (OSError, subprocess.SubprocessError) as exc:
-        return f"unknown ({exc})"
-
-
-def _cpu_fingerprint() -> str:
-    """Enough of the CPU's identity that a ``-march=native`` binary never runs on a CPU without its ISA."""
-    text = platform.machine()
-    try:
-        with open("/proc/cpuinfo") as fh:
-            for line in fh:
-                if line.startswith(("model name", "flags", "Features", "CPU part")):
-                    text += line
-                if line.strip() == "":
-                    break  # the first processor's block is enough
-    except OSError:
-        text += platform.processor()
-    return text
-
-
-def _cache_root() -> Path:
-    env = os.environ.get("HF_FADAM_CACHE_DIR")
-    return Path(env) if env else Path.home() / ".cache" / "hf_fadam"
-
-
-def _build(cc: str, flags: list[str]) -> Path:
-    """Compile the kernel with ``flags`` unless an identical build is cached; return the library path."""
-    source = _SOURCE.read_bytes()
-    key = hashlib.sha256(
-        b"\0".join([source, " ".join(flags).encode(), _compiler_version(cc).encode(), _cpu_fingerprint().encode()])
-    ).hexdigest()[:16]
-    out_dir = _cache_root() / f"cpu_kernel-{key}"
-    lib = out_dir / "libhf_fadam_cpu.so"
-    if lib.exists():
-        return lib
-    try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-    except OSError:  # e.g. a read-only home directory: build into a per-user temporary directory instead
-        out_dir = Path(tempfile.gettempdir()) / f"hf_fadam-{os.getuid() if hasattr(os, 'getuid') else 0}"
-        out_dir = out_dir / f"cpu_kernel-{key}"
-        lib = out_dir / "libhf_fadam_cpu.so"
-        if lib.exists():
-            return lib
-        out_dir.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".build-", suffix=".so", dir=out_dir)
-    os.close(fd)
-    cmd = [cc, *flags, *_BASE_FLAGS, str(_SOURCE), "-o", tmp, "-lm"]
-    try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
-        if proc.returncode != 0:
-            raise RuntimeError(
-                f"building the FAdam CPU kernel failed (exit {proc.returncode}).\ncommand: {' '.join(cmd)}\n"
-                f"stderr:\n{proc.stderr.strip()}"
-            )
-        os.replace(tmp, lib)  # atomic: a concurrent builder either sees no file or a complete one
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return lib
-
-
 def _load_lib(path: Path) -> ctypes.CDLL:
     lib = ctypes.CDLL(str(path))
     if lib.hf_fadam_abi_version() != _ABI:
         raise RuntimeError(f"{path} has ABI {lib.hf_fadam_abi_version()}, expected {_ABI}")
-    vp = ctypes.POINTER(ctypes.c_void_p)
+    i64, hp = ctypes.c_int64, ctypes.POINTER(_HParams)
+    ptrs, sizes, dbl = ctypes.POINTER(ctypes.c_void_p), ctypes.POINTER(ctypes.c_int64), ctypes.c_void_p
+    argtypes = {  # see the pass functions in _fadam_cpu.c; double buffers are passed as raw addresses
+        "a": [i64, ptrs, sizes, sizes, dbl, hp, ctypes.c_int],
+        "b": [i64, ptrs, ptrs, ptrs, sizes, sizes, i64, dbl, dbl, dbl, dbl, hp, ctypes.c_int],
+        "c": [i64, ptrs, ptrs, ptrs, ptrs, sizes, sizes, i64, dbl, dbl, dbl, dbl, hp, ctypes.c_int],
+    }
+    argtypes["step"] = argtypes["c"]  # A, B and C with no reduction in between
     for suffix in _KERNELS.values():
-        fn = getattr(lib, f"hf_fadam_step_{suffix}")
-        fn.argtypes = [
-            ctypes.c_int64, vp, vp, vp, vp,
-            ctypes.POINTER(ctypes.c_int64), ctypes.POINTER(ctypes.c_double),
-            ctypes.POINTER(_HParams), ctypes.c_int,
-        ]  # fmt: skip
-        fn.restype = ctypes.c_int
+        for name, types in argtypes.items():
+            fn = getattr(lib, f"hf_fadam_{'step' if name == 'step' else 'pass_' + name}_{suffix}")
+            fn.argtypes = types
+            fn.restype = ctypes.c_int
     return lib
 
 
@@ -184,28 +99,12 @@ def _get_lib() -> ctypes.CDLL:
             return _lib
         if _error is not None:
             raise RuntimeError(_error)
-        if os.environ.get("HF_FADAM_DISABLE_CPU_KERNEL", "") not in ("", "0"):
-            _error = "the FAdam CPU kernel is disabled by HF_FADAM_DISABLE_CPU_KERNEL"
-            raise RuntimeError(_error)
-        cc = _compiler()
-        if cc is None:
-            _error = (
-                "the FAdam CPU kernel needs a C compiler at first use, and none was found (tried $CC, cc, gcc, "
-                "clang). Install one (e.g. `apt-get install gcc`) or use FAdam(foreach=True) on CPU."
-            )
-            raise RuntimeError(_error)
-        errors = []
-        for flags in _FLAG_SETS:
-            try:
-                path = _build(cc, flags)
-                lib = _load_lib(path)
-            except (RuntimeError, OSError, AttributeError, subprocess.SubprocessError) as exc:
-                errors.append(str(exc))
-                continue
-            _lib, _lib_path = lib, path
-            return lib
-        _error = "could not build the FAdam CPU kernel; the first attempt:\n" + errors[0]
-        raise RuntimeError(_error)
+        try:
+            _lib, _lib_path = _cpu_build.load(_SOURCE, _load_lib)
+        except RuntimeError as exc:
+            _error = str(exc)
+            raise
+        return _lib
 
 
 def is_available() -> bool:
@@ -268,13 +167,19 @@ def fadam_cpu_(
     maximize: bool,
     grad_scale: Tensor | None = None,
     found_inf: Tensor | None = None,
+    numels: Sequence[int] | None = None,
+    reduce: Callable[[Tensor], object] | None = None,
 ) -> None:
     """One FAdam step, in place on ``params``, ``exp_avgs`` (m) and ``fishers`` (f), for CPU tensors.
 
-    Called once per (device, param dtype) group by ``hf_fadam.functional``; ``steps`` are already incremented.
-    ``grad_scale`` divides the gradients inside the kernel (the grads are not modified); a nonzero ``found_inf``
-    leaves everything unchanged. β̂2 comes from :func:`hf_fadam._math.fisher_beta` so every path uses the same
-    float64 value. Reductions are in double; the elementwise math is in the state dtype.
+    Called by ``hf_fadam.functional``; ``steps`` are already incremented. The lists may mix (param dtype, state
+    dtype) pairs: each pass runs over every pair's group before the next pass starts, so that ``reduce`` (the
+    reduction hook of :func:`hf_fadam.functional.fadam`) is called exactly twice: pass A writes each tensor's
+    local Σg² into a (1, n) float64 buffer, ``reduce`` makes it the whole tensor's, pass B writes Σ(g/D)² and
+    Σ(θ/D)² into a (2, n) buffer, ``reduce`` again, pass C updates. ``numels`` are the logical sizes the RMS
+    divides by (default: the tensors' sizes). ``grad_scale`` divides the gradients inside the kernel (the grads
+    are not modified); a nonzero ``found_inf`` leaves everything unchanged (a ``reduce`` is still called twice, on
+    zeros). β̂2 comes from :func:`hf_fadam._math.fisher_beta` in float64, so every path uses the same value.
     """
     n = len(params)
     if not (len(grads) == len(exp_avgs) == len(fishers) == len(steps) == n):
@@ -282,12 +187,18 @@ def fadam_cpu_(
             f"fadam_cpu_: list lengths differ: params={n}, grads={len(grads)}, exp_avgs={len(exp_avgs)}, "
             f"fishers={len(fishers)}, steps={len(steps)}"
         )
-    if n == 0:
-        return
-    if found_inf is not None and float(found_inf) != 0.0:  # CPU tensor: no device sync involved
+    if numels is not None and len(numels) != n:
+        raise ValueError(f"fadam_cpu_: numels has {len(numels)} entries for {n} params")
+    sums1 = torch.zeros((1, n), dtype=torch.float64)
+    sums2 = torch.zeros((2, n), dtype=torch.float64)
+    if n == 0 or (found_inf is not None and float(found_inf) != 0.0):  # CPU tensor: no device sync involved
+        if reduce is not None:
+            reduce(sums1)
+            reduce(sums2)
         return
     lib = _get_lib()
     beta_hat = fisher_beta(beta2, torch.stack(steps)).to("cpu", torch.float64).contiguous()
+    numels_d = torch.tensor([t.numel() for t in params] if numels is None else list(numels), dtype=torch.float64)
     hp = _HParams(
         lr=float(lr),
         beta1=beta1,
@@ -301,6 +212,7 @@ def fadam_cpu_(
     )
     lists = (params, grads, exp_avgs, fishers)
     pdt, sdt = params[0].dtype, fishers[0].dtype
+    copies: list[tuple[Tensor, Tensor]] = []  # (original, contiguous working copy) to write back
     # Fast path (the usual case): one dtype pair, every tensor contiguous; list comprehensions only, because the
     # per-tensor Python overhead is what a many-small-tensor model pays on every step.
     fast = (
@@ -311,41 +223,77 @@ def fadam_cpu_(
         and all(t.dtype == sdt and t.is_contiguous() for t in fishers)
     )
     if fast:
-        _launch(lib, _KERNELS[(pdt, sdt)], [[t.data_ptr() for t in lst] for lst in lists], params, beta_hat, hp)
-        return
+        launches = [_Launch(_KERNELS[(pdt, sdt)], None, lists, range(n))]
+    else:
+        # General path: check each tensor, group by dtype pair, step non-dense layouts on contiguous copies.
+        by_kernel: dict[str, list[int]] = {}
+        work = [list(lst) for lst in lists]
+        for i, (prm, grd, m, f) in enumerate(zip(*lists)):
+            if not prm.is_cpu:
+                raise ValueError(f"fadam_cpu_: params[{i}] is on {prm.device}; this kernel steps CPU tensors only")
+            suffix = _KERNELS.get((prm.dtype, f.dtype))
+            if suffix is None or grd.dtype != prm.dtype or m.dtype != f.dtype:
+                raise TypeError(
+                    f"fadam_cpu_: unsupported dtypes at index {i}: param {prm.dtype}, grad {grd.dtype}, exp_avg "
+                    f"{m.dtype}, fisher {f.dtype} (supported: params and state of "
+                    f"{', '.join(str(d) for d in _DTYPE_SUFFIX)}, grad dtype = param dtype, exp_avg dtype = "
+                    "fisher dtype)"
+                )
+            if prm.numel() > 0 and not _same_dense_layout((prm, grd, m, f)):
+                for lst, t in zip(work, (prm, grd, m, f)):
+                    c = t.contiguous()
+                    if c is not t and t is not grd:
+                        copies.append((t, c))
+                    lst[i] = c
+            by_kernel.setdefault(suffix, []).append(i)
+        launches = [_Launch(suffix, idx, work, idx) for suffix, idx in by_kernel.items()]
 
-    # General path: check each tensor, group by dtype pair, step non-dense layouts on contiguous copies.
-    by_kernel: dict[str, list[int]] = {}
-    copies: list[tuple[Tensor, Tensor]] = []  # (original, contiguous working copy) to write back
-    work = [list(lst) for lst in lists]
-    for i, (prm, grd, m, f) in enumerate(zip(*lists)):
-        if not prm.is_cpu:
-            raise ValueError(f"fadam_cpu_: params[{i}] is on {prm.device}; this kernel steps CPU tensors only")
-        suffix = _KERNELS.get((prm.dtype, f.dtype))
-        if suffix is None or grd.dtype != prm.dtype or m.dtype != f.dtype:
-            raise TypeError(
-                f"fadam_cpu_: unsupported dtypes at index {i}: param {prm.dtype}, grad {grd.dtype}, exp_avg "
-                f"{m.dtype}, fisher {f.dtype} (supported (param, state) pairs: "
-                f"{', '.join(f'({a}, {b})' for a, b in _KERNELS)})"
-            )
-        if prm.numel() > 0 and not _same_dense_layout((prm, grd, m, f)):
-            for lst, t in zip(work, (prm, grd, m, f)):
-                c = t.contiguous()
-                if c is not t and t is not grd:
-                    copies.append((t, c))
-                lst[i] = c
-        by_kernel.setdefault(suffix, []).append(i)
-    for suffix, idx in by_kernel.items():
-        ptrs = [[lst[j].data_ptr() for j in idx] for lst in work]
-        bh = beta_hat if len(idx) == n else beta_hat[idx].contiguous()
-        _launch(lib, suffix, ptrs, [params[j] for j in idx], bh, hp)
+    threads = torch.get_num_threads()
+    addr = Tensor.data_ptr
+    if reduce is None:  # one process: the three passes without a break, each small tensor's while it is cache-hot
+        for g in launches:
+            g.check(getattr(lib, f"hf_fadam_step_{g.suffix}")(
+                g.k, g.params, g.grads, g.exp_avgs, g.fishers, g.sizes, g.cols, n,
+                addr(numels_d), addr(beta_hat), addr(sums1), addr(sums2), hp, threads,
+            ))  # fmt: skip
+        for orig, copy in copies:
+            orig.copy_(copy)
+        return
+    for g in launches:  # pass A: local Σg²
+        g.check(getattr(lib, f"hf_fadam_pass_a_{g.suffix}")(g.k, g.grads, g.sizes, g.cols, addr(sums1), hp, threads))
+    if reduce is not None:
+        reduce(sums1)
+    for g in launches:  # pass B: ε̂ from the reduced Σg²; local Σ(g/D)², Σ(θ/D)²
+        g.check(getattr(lib, f"hf_fadam_pass_b_{g.suffix}")(
+            g.k, g.params, g.grads, g.fishers, g.sizes, g.cols, n,
+            addr(numels_d), addr(beta_hat), addr(sums1), addr(sums2), hp, threads,
+        ))  # fmt: skip
+    if reduce is not None:
+        reduce(sums2)
+    for g in launches:  # pass C: the update, with the clip divisors from the reduced sums
+        g.check(getattr(lib, f"hf_fadam_pass_c_{g.suffix}")(
+            g.k, g.params, g.grads, g.exp_avgs, g.fishers, g.sizes, g.cols, n,
+            addr(numels_d), addr(beta_hat), addr(sums1), addr(sums2), hp, threads,
+        ))  # fmt: skip
     for orig, copy in copies:
         orig.copy_(copy)
 
 
-def _launch(lib: ctypes.CDLL, suffix: str, ptrs: list[list[int]], params: list[Tensor], beta_hat, hp) -> None:
-    k = len(params)
-    arrs = [(ctypes.c_void_p * k)(*row) for row in ptrs]
-    numels = (ctypes.c_int64 * k)(*[t.numel() for t in params])
-    bh = ctypes.cast(beta_hat.data_ptr(), ctypes.POINTER(ctypes.c_double))
-    getattr(lib, f"hf_fadam_step_{suffix}")(k, *arrs, numels, bh, ctypes.byref(hp), torch.get_num_threads())
+class _Launch:
+    """The ctypes arguments of one (param dtype, state dtype) group: pointer arrays, local sizes, and the columns
+    (indices into the call's lists and sums buffers; None = the identity)."""
+
+    __slots__ = ("cols", "exp_avgs", "fishers", "grads", "k", "params", "sizes", "suffix")
+
+    def __init__(self, suffix: str, cols: list[int] | None, lists: Sequence[list[Tensor]], idx: Sequence[int]):
+        k = self.k = len(idx)
+        self.suffix = suffix
+        rows = [[lst[i].data_ptr() for i in idx] for lst in lists]
+        self.params, self.grads, self.exp_avgs, self.fishers = ((ctypes.c_void_p * k)(*row) for row in rows)
+        self.sizes = (ctypes.c_int64 * k)(*[lists[0][i].numel() for i in idx])
+        self.cols = None if cols is None else (ctypes.c_int64 * k)(*cols)
+
+    @staticmethod
+    def check(status: int) -> None:
+        if status != 0:
+            raise MemoryError("fadam_cpu_: the kernel could not allocate its partial-sum buffer")

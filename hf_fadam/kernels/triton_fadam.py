@@ -7,23 +7,33 @@ tensors; that is how the test suite reaches them without a GPU.
 
 Design
 ------
-One call handles every tensor of a (device, dtype) group with three kernel launches, whatever the number of
-tensors, and never reads a value back to the host:
+One call handles every tensor of the lists with three kernel launches per dtype combination, whatever the number
+of tensors, and never reads a value back to the host:
 
 * **Chunk table.** Each non-empty tensor is cut into chunks of ``CHUNK`` elements; one program handles one chunk.
-  The table ``(tensor index, start offset)`` and the per-tensor ``numel`` live in one int64 device tensor that
-  depends only on the shapes, so it is built once and cached by the tuple of sizes.
-* **Address table.** The ``data_ptr()`` of every param, grad, exp_avg and fisher goes into an int64 device
-  tensor; a program loads its tensor's four addresses and casts them with ``.to(tl.pointer_type(dtype))``. This
+  The table ``[numel | logical numel | sums column]`` per tensor and ``(tensor, start)`` per chunk lives in one
+  int64 device tensor that depends only on the shapes, built once and cached.
+* **Address table.** The ``data_ptr()`` of every param, grad, exp_avg, fisher and step tensor goes into an int64
+  device tensor; a program loads its tensor's addresses and casts them with ``.to(tl.pointer_type(dtype))``. This
   works compiled and under ``TRITON_INTERPRET=1`` (on CPU tensors the addresses are host addresses, which the
-  interpreter dereferences directly). Grads may move between steps, so the table is looked up per call in a small
-  cache keyed by the addresses, and on a miss copied from pinned memory with ``non_blocking=True`` (no sync).
-  When every address is 16-byte aligned, the kernels assert it (``tl.multiple_of``) and the chunk's full blocks
-  are loaded unmasked, which is what lets Triton emit 16-byte vector loads through run-time pointers.
+  interpreter dereferences directly). When every address is 16-byte aligned, the kernels assert it
+  (``tl.multiple_of``) and the chunk's full blocks are loaded unmasked, which is what lets Triton emit 16-byte
+  vector loads through run-time pointers.
+* **A cached plan.** Per call the host builds one key, the tuple of every tensor's address plus the params'
+  sizes and the param and fisher dtypes (C-level maps, no Python loop over the tensors), and looks up the *plan*:
+  the dtype groups with their chunk and address tables (copied to the device from pinned memory with
+  ``non_blocking=True`` on a miss, so no sync). Grads that moved reuse the cached grouping and get new address
+  tables only. The float64 hyperparameter vector and the sums buffer are cached too. A step of an unchanged model
+  therefore costs one dictionary look-up, a ``zero_`` of the sums and the launches.
 * **Per-tensor reductions without a host sync.** Each program reduces its chunk to one partial sum and
-  ``tl.atomic_add``\ s it into a per-tensor slot of a zeroed float64 buffer ``sums[3, n]``; the next launch reads
-  the finished sums (stream order is the barrier). The float atomics make the summation order, and so the last
-  bits of an RMS, vary from run to run: results are not bitwise deterministic.
+  ``tl.atomic_add``\ s it into column ``i`` of a zeroed float64 buffer ``sums[3, n]``; the next launch reads the
+  finished sums (stream order is the barrier). Squares and sums are float64 from the element on: (1e-20)²
+  underflows fp32 and (1e28)² overflows it, and a tensor of 2**31 elements adds ~10**5 partials. The float atomics
+  make the summation order, and so the last bits of an RMS, vary from run to run: not bitwise deterministic.
+* **The reduction hook.** Between the passes an optional ``reduce`` is called on the ``(1, n)`` view of row 0 and
+  then on the ``(2, n)`` view of rows 1-2, in place (an all-reduce over the shards of each tensor): twice per call
+  however many dtype groups there are (phase-major: pass A of every group, reduce, pass B of every group, reduce,
+  pass C of every group). Every RMS divides by the tensor's *logical* numel, a column of the chunk table.
 * **Three passes**, each recomputing what it needs instead of storing it:
 
   A. ``sum(g²)`` per tensor (g unscaled by ``grad_scale``).
@@ -32,17 +42,22 @@ tensors, and never reads a value back to the host:
   C. the update: ``f ← f_new``, ``m ← β1·m + (1−β1)·ḡ/max(1, RMS(ḡ)/c)``,
      ``θ ← θ − η·(m + λ·w/max(1, RMS(w)/c))``, with ``w = θ/D``.
 
-  β̂2 comes from :func:`hf_fadam._math.fisher_beta` on the stacked (already incremented) step tensors, on the
-  device, so every path uses the same value. ε̂ and the clip divisors are computed per program from the sums with
-  the formulas of :mod:`hf_fadam._math` (``adaptive_eps``, ``clip_divisor``, ``rms_from_sumsq``) written out in
-  Triton; the tests compare the results with the reference. ``p == 0.5`` uses a correctly rounded square root,
-  ``p == 1`` the identity, any other ``p`` ``libdevice.pow`` (an exp2/log2 in float64 under the interpreter).
+* **Per-tensor scalars in float64.** Each program computes its tensor's β̂2 and 1 − β̂2 from the step tensor
+  (:func:`hf_fadam._math.fisher_beta` transcribed: ``β2·(1−β2^(t−1))/(1−β2^t)``, ``pow`` in float64), ε̂ and the
+  two clip divisors (``adaptive_eps``, ``clip_divisor``, ``rms_from_sumsq`` of :mod:`hf_fadam._math`) in float64
+  from the float64 sums and a float64 hyperparameter vector, and rounds them to the compute dtype only at the end.
+  Never in the state dtype: a bf16 β̂2 rounds to 1 from t ≈ 850 on and would freeze the Fisher.
+* **Non-finite gradients** propagate as IEEE arithmetic does in the for-loop reference: a NaN or ±inf element makes
+  Σ(g/D)² NaN, and the clip divisor ``max(1, r)`` is written as ``r <= 1 ? 1 : r`` so that the NaN reaches every
+  element of the tensor (compiled ``tl.maximum`` would drop it). ``found_inf`` (GradScaler) still skips the step.
+* ``p == 0.5`` uses a correctly rounded square root, ``p == 1`` the identity, any other ``p`` ``libdevice.pow``
+  (an exp2/log2 in float64 under the interpreter).
 * AMP: ``grad_scale`` divides g inside every pass (the grads are not modified); when ``found_inf != 0`` every
   program skips its chunk, so nothing is read or written (the caller rolls the steps back).
 * 64-bit offsets throughout (chunk starts and numels are int64), so a tensor may exceed 2**31 elements.
-* Params fp32, bf16, fp16 or fp64; state (exp_avg, fisher) any of those; math in fp32 (fp64 when any of the
-  four dtypes is fp64, with the float hyperparameters read from a small fp64 tensor, since Triton passes Python
-  floats as fp32). fp64 works on CUDA too (tested), but the dispatcher sends only fp32/bf16/fp16 there.
+* Dtypes: params, grads, exp_avgs and fishers each fp32, bf16, fp16 or fp64, in any combination
+  (:func:`is_supported` is True for every pair); the element math runs in fp32, or fp64 when any of the four is
+  fp64 (then the float hyperparameters come from the float64 vector, since Triton passes Python floats as fp32).
 
 Bytes per parameter and step (HBM traffic, compulsory reads + writes; AdamW fused: 28 B fp32)
 -------------------------------------------------------------------------------------------
@@ -59,27 +74,31 @@ vs AdamW fused                1.57x (1.43x)               1.45x vs AdamW's 22 B
 
 44 B is the floor of an exact FAdam (three dependent reductions over the step's data: RMS(g), then RMS(ḡ) and
 RMS(w), then the update), so this design is at the ideal; the per-call metadata (a few int64 per tensor and per
-chunk) is negligible. The time above the traffic floor is launch overhead: per call 3 Triton launches, one
-``torch.zeros`` for the sums, and a handful of tiny ops for the stacked step tensor and β̂2.
+chunk) is negligible. The time above the traffic floor is host work: per call one plan look-up, one ``zero_`` of
+the sums and 3 Triton launches per dtype group.
 """
 
 from __future__ import annotations
 
+import array
 import contextlib
 import functools
+import importlib.util
 import itertools
+import math
 import operator
 import os
 from collections import OrderedDict
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
 
-__all__ = ["fadam_triton_", "is_available"]
+__all__ = ["fadam_triton_", "is_available", "is_supported", "unavailable_reason"]
 
-_DTYPE = operator.attrgetter("dtype")
+_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 
 
 def _interpreting() -> bool:
@@ -88,9 +107,31 @@ def _interpreting() -> bool:
 
 def is_available() -> bool:
     """Whether :func:`fadam_triton_` can run here: triton importable, and CUDA present or TRITON_INTERPRET=1."""
+    return unavailable_reason() is None
+
+
+def unavailable_reason() -> str | None:
+    """Why :func:`is_available` is False, naming what is really missing; None when it is True."""
     if triton is None:
-        return False
-    return _interpreting() or torch.cuda.is_available()
+        missing = getattr(_IMPORT_ERROR, "name", None)
+        if missing and missing != "triton" and not missing.startswith("triton."):
+            what = "Triton's interpreter (TRITON_INTERPRET=1)" if _interpreting() else "Triton"
+            return (
+                f"triton is installed but importing it failed because {missing!r} is not importable ({_IMPORT_ERROR}); "
+                f"{what} needs it: pip install {missing.split('.')[0]}"
+            )
+        if importlib.util.find_spec("triton") is None:
+            return "triton is not installed (pip install 'hf-fadam[triton]')"
+        return f"triton is installed but importing it failed: {_IMPORT_ERROR!r}"
+    if not (_interpreting() or torch.cuda.is_available()):
+        return "no CUDA device is available (and TRITON_INTERPRET is not set)"
+    return None
+
+
+def is_supported(param_dtype: torch.dtype, state_dtype: torch.dtype) -> bool:
+    """Whether the kernels handle this (param dtype, state dtype) pair: every pair of fp32, bf16, fp16 and fp64
+    (the element math runs in fp32, or fp64 when either is fp64; the per-tensor scalars always in fp64)."""
+    return param_dtype in _DTYPES and state_dtype in _DTYPES
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -141,11 +182,18 @@ class _Kernels:
 # Triton is imported when this module is imported (functional.py imports it only on the fused path), and the
 # kernels are defined at module level: the interpreter re-executes each kernel's source against the module's
 # globals, so kernels and their helpers cannot live in a closure.
+_IMPORT_ERROR: BaseException | None = None
 try:
     import triton
     import triton.language as tl
-except ImportError:  # pragma: no cover - exercised only where triton is missing
+except ImportError as exc:  # pragma: no cover - exercised only where triton (or numpy, when interpreting) is missing
     triton = None
+    _IMPORT_ERROR = exc
+
+# Rows of the float64 hyperparameter vector on the device (Triton passes Python floats as fp32, so every value
+# that must stay exact - β2 for β̂2, eps and clip for the per-tensor scalars, and all of them when the math runs
+# in fp64 - comes from here).
+_S_LR, _S_BETA1, _S_OMB1, _S_EPS, _S_WD, _S_CLIP, _S_P, _S_BETA2, _S_LOG2_BETA2 = range(9)
 
 if triton is not None:
     try:
@@ -163,7 +211,7 @@ if triton is not None:
     @triton.jit
     def _bf16_rne(x):
         # fp32 -> bf16 rounded to nearest even, in integer ops. The interpreter's own fp32 -> bf16 cast truncates
-        # (triton 3.6-3.8), which would bias every bf16 param update towards zero; compiled code uses cvt.rn.
+        # (triton 3.6-3.9), which would bias every bf16 param update towards zero; compiled code uses cvt.rn.
         bits = x.to(tl.float32).to(tl.uint32, bitcast=True)
         rounded = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
         rounded = tl.where(x != x, 0x7FC0, rounded)  # keep NaN a NaN
@@ -223,16 +271,18 @@ if triton is not None:
         meta_ptr, addr_ptr, n_tensors, n_chunks, ROW: tl.constexpr, DT: tl.constexpr, ALIGNED: tl.constexpr,
         CHUNK: tl.constexpr,
     ):  # fmt: skip
+        # meta: [local numel (n) | logical numel (n) | sums column (n) | chunk's tensor (C) | chunk start (C)]
         pid = tl.program_id(0)
-        tidx = tl.load(meta_ptr + n_tensors + pid)
+        tidx = tl.load(meta_ptr + 3 * n_tensors + pid)
         # Hints go on the op that defines a value (a hint on a helper's argument is dropped): chunk starts are
         # multiples of CHUNK, and the caller checked that every address is 16-byte aligned.
-        start = tl.multiple_of(tl.load(meta_ptr + n_tensors + n_chunks + pid), CHUNK)
+        start = tl.multiple_of(tl.load(meta_ptr + 3 * n_tensors + n_chunks + pid), CHUNK)
         numel = tl.load(meta_ptr + tidx)
+        col = tl.load(meta_ptr + 2 * n_tensors + tidx)
         base = tl.load(addr_ptr + ROW * n_tensors + tidx).to(tl.pointer_type(DT))
         if ALIGNED:
             base = tl.multiple_of(base, 16)
-        return tidx, start, numel, base
+        return tidx, col, start, numel, base
 
     @triton.jit
     def _addr(addr_ptr, n_tensors, tidx, ROW: tl.constexpr, DT: tl.constexpr, ALIGNED: tl.constexpr):
@@ -251,31 +301,46 @@ if triton is not None:
         return start, end, n_full
 
     @triton.jit
-    def _eps_hat(sums_ptr, tidx, numel, eps, CDT: tl.constexpr):
-        # _math.rms_from_sumsq and _math.adaptive_eps: eps * min(1, RMS(g)), eps where RMS(g) == 0.
-        count = tl.maximum(numel, 1).to(CDT)
-        rms_g = _sqrt(_div(tl.load(sums_ptr + tidx).to(CDT), count))
-        return tl.where(rms_g > 0, tl.minimum(rms_g, 1.0) * eps, eps)
+    def _clip_divisor(sumsq, count, clip):
+        # _math.clip_divisor(_math.rms_from_sumsq(sumsq, count), clip) = max(1, RMS / clip), in float64. Written
+        # as a select on an ordered comparison, not tl.maximum: compiled tl.maximum is max.f32, which returns the
+        # other operand for a NaN (the interpreter's np.maximum keeps it). A non-finite gradient must make the
+        # whole tensor NaN, as the for-loop reference does.
+        q = tl.sqrt(sumsq / count) / clip
+        return tl.where(q <= 1.0, 1.0, q)
 
     @triton.jit
-    def _clip_divisor(sums_ptr, numel, clip, CDT: tl.constexpr):
-        # _math.clip_divisor(_math.rms_from_sumsq(sum, numel), clip) = max(1, RMS / clip).
-        count = tl.maximum(numel, 1).to(CDT)
-        rms = _sqrt(_div(tl.load(sums_ptr).to(CDT), count))
-        return tl.maximum(_div(rms, clip), 1.0)
-
-    @triton.jit
-    def _fisher_beta(bh_ptr, tidx, CDT: tl.constexpr):
-        # β̂2 arrives in float64 (_math.fisher_beta); like the reference, round it to the compute dtype first.
-        bh = tl.load(bh_ptr + tidx).to(CDT)
-        return bh, 1.0 - bh
+    def _tensor_scalars(
+        meta_ptr, addr_ptr, sums_ptr, scalars_ptr, tidx, col, n_tensors, n_cols,
+        S_DT: tl.constexpr, CDT: tl.constexpr, CLIP: tl.constexpr, HAS_WD: tl.constexpr, INTERPRET: tl.constexpr,
+    ):  # fmt: skip
+        # The per-tensor scalars, all in float64 from the float64 sums and hyperparameters, rounded to the compute
+        # dtype only at the end: β̂2 and 1 - β̂2 (_math.fisher_beta, from the tensor's step count), ε̂
+        # (_math.adaptive_eps: eps * min(1, RMS(g)), eps where RMS(g) == 0) and, when CLIP, the two clip divisors.
+        # RMS over the LOGICAL numel (the whole tensor, also when this process holds a shard of it).
+        count = tl.maximum(tl.load(meta_ptr + n_tensors + tidx), 1).to(tl.float64)
+        beta2 = tl.load(scalars_ptr + 7)
+        step_ptr = tl.load(addr_ptr + 4 * n_tensors + tidx).to(tl.pointer_type(S_DT))
+        t_minus_1 = tl.load(step_ptr).to(tl.float64) - 1.0
+        if INTERPRET:  # libdevice is not interpreted. β2^0 is exactly 1 (β̂2 exactly 0 at t = 1), also for β2 = 0
+            pow_t_minus_1 = tl.where(t_minus_1 == 0, 1.0, tl.exp2(t_minus_1 * tl.load(scalars_ptr + 8)))
+        else:
+            pow_t_minus_1 = libdevice.pow(beta2, t_minus_1)
+        beta2_hat = beta2 * (1.0 - pow_t_minus_1) / (1.0 - pow_t_minus_1 * beta2)
+        one_minus_beta2_hat = 1.0 - beta2_hat
+        eps = tl.load(scalars_ptr + 3)
+        rms_g = tl.sqrt(tl.load(sums_ptr + col) / count)
+        eps_hat = tl.where(rms_g > 0, tl.minimum(rms_g, 1.0) * eps, eps)
+        div_g = 1.0
+        div_w = 1.0
+        if CLIP:
+            clip = tl.load(scalars_ptr + 5)
+            div_g = _clip_divisor(tl.load(sums_ptr + n_cols + col), count, clip).to(CDT)
+            if HAS_WD:
+                div_w = _clip_divisor(tl.load(sums_ptr + 2 * n_cols + col), count, clip).to(CDT)
+        return beta2_hat.to(CDT), one_minus_beta2_hat.to(CDT), eps_hat.to(CDT), div_g, div_w
 
     # ---- pass A: sum(g²) per tensor ------------------------------------------------------------------------
-
-    @triton.jit
-    def _sumsq_grad_block(g_ptr, offs, mask, scale, HAS_SCALE: tl.constexpr, CDT: tl.constexpr):
-        g = _grad(g_ptr, offs, mask, scale, HAS_SCALE, CDT)
-        return g * g
 
     @triton.jit
     def _pass_a(
@@ -283,19 +348,22 @@ if triton is not None:
         G_DT: tl.constexpr, CDT: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_FOUND: tl.constexpr,
         ALIGNED: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr,
     ):  # fmt: skip
-        tidx, start, numel, g_ptr = _chunk(meta_ptr, addr_ptr, n_tensors, n_chunks, 1, G_DT, ALIGNED, CHUNK)
+        tidx, col, start, numel, g_ptr = _chunk(meta_ptr, addr_ptr, n_tensors, n_chunks, 1, G_DT, ALIGNED, CHUNK)
         start, end, n_full = _extent(start, numel, found_ptr, HAS_FOUND, CHUNK, BLOCK)
         scale = 1.0
         if HAS_SCALE:
             scale = tl.load(scale_ptr).to(CDT)
-        acc = tl.zeros([BLOCK], CDT)
+        # Squares and sums in float64: (1e-20)² underflows fp32 and (1e28)² overflows it.
+        acc = tl.zeros([BLOCK], tl.float64)
         for j in tl.range(0, n_full):
             offs = start + j * BLOCK + tl.arange(0, BLOCK)
-            acc += _sumsq_grad_block(g_ptr, offs, None, scale, HAS_SCALE, CDT)
+            g = _grad(g_ptr, offs, None, scale, HAS_SCALE, CDT).to(tl.float64)
+            acc += g * g
         offs = start + n_full * BLOCK + tl.arange(0, BLOCK)
         mask = offs < end
-        acc += tl.where(mask, _sumsq_grad_block(g_ptr, offs, mask, scale, HAS_SCALE, CDT), 0.0)
-        tl.atomic_add(sums_ptr + tidx, tl.sum(acc, axis=0).to(tl.float64))
+        g = _grad(g_ptr, offs, mask, scale, HAS_SCALE, CDT).to(tl.float64)
+        acc += tl.where(mask, g * g, 0.0)
+        tl.atomic_add(sums_ptr + col, tl.sum(acc, axis=0))
 
     # ---- pass B: sum((g/D)²) and sum((θ/D)²) per tensor, f_new recomputed ---------------------------------
 
@@ -305,56 +373,54 @@ if triton is not None:
         HAS_SCALE: tl.constexpr, CDT: tl.constexpr, P_MODE: tl.constexpr, INTERPRET: tl.constexpr,
     ):  # fmt: skip
         g = _grad(g_ptr, offs, mask, scale, HAS_SCALE, CDT)
-        f = _load(f_ptr + offs, mask, CDT)
-        f_new = f * bh + g * g * omb
+        f_new = _load(f_ptr + offs, mask, CDT) * bh + g * g * omb
         denom = _power(f_new, p, P_MODE, INTERPRET) + eps_hat
-        if mask is not None:
-            denom = tl.where(mask, denom, 1.0)  # no 0/0 in masked lanes, even with eps = 0
         return g, f_new, denom
 
     @triton.jit
     def _pass_b(
-        meta_ptr, addr_ptr, sums_ptr, bh_ptr, scale_ptr, found_ptr, scalars_ptr, n_tensors, n_chunks, eps, p,
-        G_DT: tl.constexpr, P_DT: tl.constexpr, F_DT: tl.constexpr, CDT: tl.constexpr,
+        meta_ptr, addr_ptr, sums_ptr, scale_ptr, found_ptr, scalars_ptr, n_tensors, n_chunks, n_cols, p,
+        G_DT: tl.constexpr, P_DT: tl.constexpr, F_DT: tl.constexpr, S_DT: tl.constexpr, CDT: tl.constexpr,
         HAS_SCALE: tl.constexpr, HAS_FOUND: tl.constexpr, HAS_WD: tl.constexpr, P_MODE: tl.constexpr,
         INTERPRET: tl.constexpr, ALIGNED: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr,
     ):  # fmt: skip
-        tidx, start, numel, g_ptr = _chunk(meta_ptr, addr_ptr, n_tensors, n_chunks, 1, G_DT, ALIGNED, CHUNK)
+        tidx, col, start, numel, g_ptr = _chunk(meta_ptr, addr_ptr, n_tensors, n_chunks, 1, G_DT, ALIGNED, CHUNK)
         f_ptr = _addr(addr_ptr, n_tensors, tidx, 3, F_DT, ALIGNED)
         p_ptr = _addr(addr_ptr, n_tensors, tidx, 0, P_DT, ALIGNED)
         start, end, n_full = _extent(start, numel, found_ptr, HAS_FOUND, CHUNK, BLOCK)
-        if CDT == tl.float64:  # Python floats arrive as fp32 arguments: take the fp64 copies
-            eps = tl.load(scalars_ptr + 3)
+        if CDT == tl.float64:  # Python floats arrive as fp32 arguments: take the fp64 copy
             p = tl.load(scalars_ptr + 6)
         scale = 1.0
         if HAS_SCALE:
             scale = tl.load(scale_ptr).to(CDT)
-        eps_hat = _eps_hat(sums_ptr, tidx, numel, eps, CDT)
-        bh, omb = _fisher_beta(bh_ptr, tidx, CDT)
-        acc_g = tl.zeros([BLOCK], CDT)
-        acc_w = tl.zeros([BLOCK], CDT)
+        bh, omb, eps_hat, _dg, _dw = _tensor_scalars(
+            meta_ptr, addr_ptr, sums_ptr, scalars_ptr, tidx, col, n_tensors, n_cols, S_DT, CDT, False, HAS_WD,
+            INTERPRET,
+        )  # fmt: skip
+        acc_g = tl.zeros([BLOCK], tl.float64)
+        acc_w = tl.zeros([BLOCK], tl.float64)
         for j in tl.range(0, n_full):
             offs = start + j * BLOCK + tl.arange(0, BLOCK)
             g, f_new, denom = _denom_block(
                 g_ptr, f_ptr, offs, None, scale, bh, omb, eps_hat, p, HAS_SCALE, CDT, P_MODE, INTERPRET
             )
-            nat = _div(g, denom)
+            nat = _div(g, denom).to(tl.float64)
             acc_g += nat * nat
             if HAS_WD:
-                w = _div(_load(p_ptr + offs, None, CDT), denom)
+                w = _div(_load(p_ptr + offs, None, CDT), denom).to(tl.float64)
                 acc_w += w * w
         offs = start + n_full * BLOCK + tl.arange(0, BLOCK)
         mask = offs < end
         g, f_new, denom = _denom_block(
             g_ptr, f_ptr, offs, mask, scale, bh, omb, eps_hat, p, HAS_SCALE, CDT, P_MODE, INTERPRET
         )
-        nat = _div(g, denom)
+        nat = _div(g, denom).to(tl.float64)
         acc_g += tl.where(mask, nat * nat, 0.0)
-        tl.atomic_add(sums_ptr + n_tensors + tidx, tl.sum(acc_g, axis=0).to(tl.float64))
+        tl.atomic_add(sums_ptr + n_cols + col, tl.sum(acc_g, axis=0))
         if HAS_WD:
-            w = _div(_load(p_ptr + offs, mask, CDT), denom)
+            w = _div(_load(p_ptr + offs, mask, CDT), denom).to(tl.float64)
             acc_w += tl.where(mask, w * w, 0.0)
-            tl.atomic_add(sums_ptr + 2 * n_tensors + tidx, tl.sum(acc_w, axis=0).to(tl.float64))
+            tl.atomic_add(sums_ptr + 2 * n_cols + col, tl.sum(acc_w, axis=0))
 
     # ---- pass C: the update ------------------------------------------------------------------------------
 
@@ -383,14 +449,14 @@ if triton is not None:
 
     @triton.jit
     def _pass_c(
-        meta_ptr, addr_ptr, sums_ptr, bh_ptr, scale_ptr, found_ptr, scalars_ptr, n_tensors, n_chunks,
-        lr, beta1, one_minus_beta1, eps, weight_decay, clip, p,
-        P_DT: tl.constexpr, G_DT: tl.constexpr, M_DT: tl.constexpr, F_DT: tl.constexpr, CDT: tl.constexpr,
-        HAS_SCALE: tl.constexpr, HAS_FOUND: tl.constexpr, HAS_WD: tl.constexpr, MAXIMIZE: tl.constexpr,
-        P_MODE: tl.constexpr, INTERPRET: tl.constexpr, ALIGNED: tl.constexpr, CHUNK: tl.constexpr,
-        BLOCK: tl.constexpr,
+        meta_ptr, addr_ptr, sums_ptr, scale_ptr, found_ptr, scalars_ptr, n_tensors, n_chunks, n_cols,
+        lr, beta1, one_minus_beta1, weight_decay, p,
+        P_DT: tl.constexpr, G_DT: tl.constexpr, M_DT: tl.constexpr, F_DT: tl.constexpr, S_DT: tl.constexpr,
+        CDT: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_FOUND: tl.constexpr, HAS_WD: tl.constexpr,
+        MAXIMIZE: tl.constexpr, P_MODE: tl.constexpr, INTERPRET: tl.constexpr, ALIGNED: tl.constexpr,
+        CHUNK: tl.constexpr, BLOCK: tl.constexpr,
     ):  # fmt: skip
-        tidx, start, numel, p_ptr = _chunk(meta_ptr, addr_ptr, n_tensors, n_chunks, 0, P_DT, ALIGNED, CHUNK)
+        tidx, col, start, numel, p_ptr = _chunk(meta_ptr, addr_ptr, n_tensors, n_chunks, 0, P_DT, ALIGNED, CHUNK)
         g_ptr = _addr(addr_ptr, n_tensors, tidx, 1, G_DT, ALIGNED)
         m_ptr = _addr(addr_ptr, n_tensors, tidx, 2, M_DT, ALIGNED)
         f_ptr = _addr(addr_ptr, n_tensors, tidx, 3, F_DT, ALIGNED)
@@ -399,19 +465,15 @@ if triton is not None:
             lr = tl.load(scalars_ptr + 0)
             beta1 = tl.load(scalars_ptr + 1)
             one_minus_beta1 = tl.load(scalars_ptr + 2)
-            eps = tl.load(scalars_ptr + 3)
             weight_decay = tl.load(scalars_ptr + 4)
-            clip = tl.load(scalars_ptr + 5)
             p = tl.load(scalars_ptr + 6)
         scale = 1.0
         if HAS_SCALE:
             scale = tl.load(scale_ptr).to(CDT)
-        eps_hat = _eps_hat(sums_ptr, tidx, numel, eps, CDT)
-        bh, omb = _fisher_beta(bh_ptr, tidx, CDT)
-        div_g = _clip_divisor(sums_ptr + n_tensors + tidx, numel, clip, CDT)
-        div_w = 1.0
-        if HAS_WD:
-            div_w = _clip_divisor(sums_ptr + 2 * n_tensors + tidx, numel, clip, CDT)
+        bh, omb, eps_hat, div_g, div_w = _tensor_scalars(
+            meta_ptr, addr_ptr, sums_ptr, scalars_ptr, tidx, col, n_tensors, n_cols, S_DT, CDT, True, HAS_WD,
+            INTERPRET,
+        )  # fmt: skip
         for j in tl.range(0, n_full):
             offs = start + j * BLOCK + tl.arange(0, BLOCK)
             _update_block(
@@ -426,10 +488,13 @@ if triton is not None:
         )  # fmt: skip
 
 
+_STEP_DTYPES = (torch.float32, torch.float64, torch.int64, torch.int32)
+
+
 @functools.cache
 def _kernels() -> _Kernels:
     if triton is None:
-        raise RuntimeError("fadam_triton_ needs triton (pip install 'hf-fadam[triton]'); it is not importable here")
+        raise RuntimeError(f"fadam_triton_: {unavailable_reason()}")
     from triton.runtime.interpreter import InterpretedFunction
 
     dtypes = {
@@ -437,6 +502,8 @@ def _kernels() -> _Kernels:
         torch.bfloat16: tl.bfloat16,
         torch.float16: tl.float16,
         torch.float64: tl.float64,
+        torch.int64: tl.int64,
+        torch.int32: tl.int32,
     }
     # Whether triton.jit built interpreted kernels is fixed when this module was imported.
     interpreting = isinstance(_pass_a, InterpretedFunction)
@@ -444,12 +511,66 @@ def _kernels() -> _Kernels:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Host side: tables, caches, launcher
+# Host side: plans, caches, launcher
 # ---------------------------------------------------------------------------------------------------------------
 
-_META_CACHE: OrderedDict = OrderedDict()
-_ADDR_CACHE: OrderedDict = OrderedDict()
+
+@dataclass(frozen=True)
+class _Group:
+    """The tensors of one dtype combination: one launch per pass. ``dtypes`` = (param, grad, exp_avg, fisher,
+    step, compute) torch dtypes."""
+
+    dtypes: tuple
+    n: int
+    n_chunks: int
+    meta: Tensor
+    addr: Tensor
+    aligned: bool
+
+
+@dataclass(frozen=True)
+class _GroupSpec:
+    """A dtype group without its addresses: ``cols`` are the members' indices in the lists as passed."""
+
+    dtypes: tuple
+    cols: tuple
+    n_chunks: int
+    meta: Tensor
+
+
+@dataclass(frozen=True)
+class _Static:
+    """What a plan needs beyond the grads' addresses, for contiguous tensors: grads that move (new allocations
+    every step) then cost only new address tables, not a new validation and grouping."""
+
+    specs: tuple
+    n_cols: int
+    numels: tuple  # the params' sizes, which every grad must have
+    grad_dtypes: tuple
+    device_index: int
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """Everything about a call that depends only on the tensors' addresses, sizes, dtypes and layouts."""
+
+    groups: tuple
+    n_cols: int
+    any_fp64: bool
+    write_back: tuple  # (destination, contiguous copy) pairs; only in plans that are not cached
+    keep_alive: tuple  # the contiguous copies the address tables point to
+
+
 _CACHE_SIZE = 16
+_META_CACHE: OrderedDict = OrderedDict()  # (device, numels, logical numels, columns, chunk) -> (meta, n_chunks)
+_PLAN_CACHE: OrderedDict = OrderedDict()  # (static key, grad addresses) -> _Plan
+_STATIC_CACHE: OrderedDict = OrderedDict()  # (addresses but the grads', numels, dtypes, logical numels, config)
+_SCALARS_CACHE: OrderedDict = OrderedDict()  # (device, hyperparameters) -> float64 tensor
+_SUMS_CACHE: OrderedDict = OrderedDict()  # (device, columns) -> float64 [3, columns]
+_DATA_PTR = Tensor.data_ptr
+_DTYPE = operator.attrgetter("dtype")
+_NUMEL = Tensor.numel
+_IS_CONTIGUOUS = Tensor.is_contiguous
 
 
 def _cache_get(cache: OrderedDict, key, build):
@@ -459,8 +580,6 @@ def _cache_get(cache: OrderedDict, key, build):
         cache[key] = value
         if len(cache) > _CACHE_SIZE:
             cache.popitem(last=False)
-    else:
-        cache.move_to_end(key)
     return value
 
 
@@ -471,8 +590,10 @@ def _to_device(host: Tensor, device: torch.device) -> Tensor:
     return host.pin_memory().to(device, non_blocking=True)
 
 
-def _meta_table(numels: tuple[int, ...], chunk: int, device: torch.device) -> tuple[Tensor, int]:
-    """int64 [numels (n) | chunk tensor index (C) | chunk start (C)] on ``device``, and C."""
+def _meta_table(
+    numels: tuple[int, ...], logical: tuple[int, ...], cols: tuple[int, ...], chunk: int, device: torch.device
+) -> tuple[Tensor, int]:
+    """int64 [numels (n) | logical numels (n) | sums columns (n) | chunk's tensor (C) | chunk start (C)], and C."""
 
     def build():
         sizes = torch.tensor(numels, dtype=torch.int64)
@@ -480,15 +601,11 @@ def _meta_table(numels: tuple[int, ...], chunk: int, device: torch.device) -> tu
         tidx = torch.repeat_interleave(torch.arange(len(numels), dtype=torch.int64), counts)
         first = torch.cumsum(counts, 0) - counts
         starts = (torch.arange(tidx.numel(), dtype=torch.int64) - first[tidx]) * chunk
-        host = torch.cat([sizes, tidx, starts])
+        extra = torch.tensor(logical + cols, dtype=torch.int64)
+        host = torch.cat([sizes, extra, tidx, starts])
         return _to_device(host, device), tidx.numel()
 
-    return _cache_get(_META_CACHE, (device, numels, chunk), build)
-
-
-def _addr_table(addrs: tuple[int, ...], device: torch.device) -> Tensor:
-    """int64 [param | grad | exp_avg | fisher addresses] (4 rows of n) on ``device``."""
-    return _cache_get(_ADDR_CACHE, (device, addrs), lambda: _to_device(torch.tensor(addrs, dtype=torch.int64), device))
+    return _cache_get(_META_CACHE, (device, numels, logical, cols, chunk), build)
 
 
 def _dense_layout(t: Tensor) -> bool:
@@ -511,6 +628,129 @@ def _same_flat_layout(tensors: tuple[Tensor, ...]) -> bool:
     return _dense_layout(first) and all(t.stride() == first.stride() for t in tensors[1:])
 
 
+def _build_plan(lists, logical, cfg, device, others, grad_addrs) -> tuple[_Plan, _Static | None]:
+    """Validate the tensors and build the launch plan; returns it and, when it may be cached (every tensor
+    contiguous), its grad-independent part."""
+    params, grads, exp_avgs, fishers, steps = lists
+    numels = list(map(_NUMEL, params))
+    for name, other in (("grads", grads), ("exp_avgs", exp_avgs), ("fishers", fishers)):
+        if list(map(_NUMEL, other)) != numels:
+            raise ValueError(f"fadam_triton_: every tensor of {name} must have its param's number of elements")
+    dev = params[0].get_device()
+    if set(map(Tensor.get_device, itertools.chain(*lists))) != {dev}:
+        raise ValueError(f"fadam_triton_: every tensor of a call must be on {device}")
+    for name, tensors, allowed in (
+        ("params", params, _DTYPES),
+        ("grads", grads, _DTYPES),
+        ("exp_avgs", exp_avgs, _DTYPES),
+        ("fishers", fishers, _DTYPES),
+        ("steps", steps, _STEP_DTYPES),
+    ):
+        bad = sorted({str(t.dtype) for t in tensors if t.dtype not in allowed})
+        if bad:
+            raise ValueError(
+                f"fadam_triton_: unsupported dtype(s) {bad} in {name}; expected one of {[str(d) for d in allowed]}"
+            )
+    if any(s.numel() != 1 for s in steps):
+        raise ValueError("fadam_triton_: every step tensor must have exactly one element")
+
+    cacheable = True
+    groups: dict[tuple, list] = {}
+    write_back, keep_alive = [], []
+    for col, (param, grad, m, f, step) in enumerate(zip(*lists)):
+        if param.numel() == 0:
+            continue  # nothing local to update; its sums column stays 0 (a shard may be empty)
+        if not (param.is_contiguous() and grad.is_contiguous() and m.is_contiguous() and f.is_contiguous()):
+            cacheable = False
+            if not _same_flat_layout((param, grad, m, f)):
+                # Run on contiguous copies, written back after the step.
+                staged = [t.contiguous() for t in (param, grad, m, f)]
+                for dst, src in ((param, staged[0]), (m, staged[2]), (f, staged[3])):
+                    if src is not dst:
+                        write_back.append((dst, src))
+                keep_alive += staged
+                param, grad, m, f = staged
+        key = (param.dtype, grad.dtype, m.dtype, f.dtype, step.dtype)
+        groups.setdefault(key, []).append((col, param, grad, m, f, step))
+
+    specs = []
+    for (p_dt, g_dt, m_dt, f_dt, s_dt), members in groups.items():
+        compute = torch.float64 if torch.float64 in (p_dt, g_dt, m_dt, f_dt) else torch.float32
+        cols = tuple(c for c, *_ in members)
+        local = tuple(t[1].numel() for t in members)
+        sizes = tuple(logical[c] for c in cols) if logical is not None else local
+        meta, n_chunks = _meta_table(local, sizes, cols, cfg.chunk, device)
+        specs.append(_GroupSpec((p_dt, g_dt, m_dt, f_dt, s_dt, compute), cols, n_chunks, meta))
+    if cacheable:
+        static = _Static(tuple(specs), len(params), tuple(numels), tuple(map(_DTYPE, grads)), dev)
+        return _plan_from_static(static, others, grad_addrs, device), static
+    # (staged copies: the address tables point to them, not to the lists' tensors)
+    by_col = {member[0]: member[1:] for members in groups.values() for member in members}
+    built = []
+    for spec in specs:
+        addrs = [by_col[c][row].data_ptr() for row in range(5) for c in spec.cols]
+        built.append(_group(spec, addrs, device))
+    plan = _Plan(tuple(built), len(params), _any_fp64(specs), tuple(write_back), tuple(keep_alive))
+    return plan, None
+
+
+def _any_fp64(specs) -> bool:
+    return any(spec.dtypes[5] == torch.float64 for spec in specs)
+
+
+def _group(spec: _GroupSpec, addrs: list[int], device: torch.device) -> _Group:
+    """A launchable group from its spec and its int64 address rows [param | grad | exp_avg | fisher | step]."""
+    n = len(spec.cols)
+    aligned = not functools.reduce(operator.or_, addrs[: 4 * n]) & 15
+    # (array + frombuffer: a third of torch.tensor(list)'s time; the tensor keeps the array alive)
+    addr = _to_device(torch.frombuffer(array.array("q", addrs), dtype=torch.int64), device)
+    return _Group(spec.dtypes, n, spec.n_chunks, spec.meta, addr, aligned)
+
+
+def _plan_from_static(static: _Static, others: tuple[int, ...], grad_addrs: tuple[int, ...], device) -> _Plan:
+    """The plan for these (contiguous) tensors: new address tables on top of a cached grouping. ``others`` are the
+    addresses of params, exp_avgs, fishers and steps (in that order), ``grad_addrs`` the grads'."""
+    n = static.n_cols
+    rows = (others[:n], grad_addrs, others[n : 2 * n], others[2 * n : 3 * n], others[3 * n :])
+    groups = []
+    for spec in static.specs:
+        if len(spec.cols) == n:  # one group holds every tensor, in order
+            addrs = [*rows[0], *rows[1], *rows[2], *rows[3], *rows[4]]
+        else:
+            addrs = [row[c] for row in rows for c in spec.cols]
+        groups.append(_group(spec, addrs, device))
+    return _Plan(tuple(groups), n, _any_fp64(static.specs), (), ())
+
+
+def _grads_fit(static: _Static, grads: list[Tensor]) -> bool:
+    """Whether grads at new addresses fit a cached grouping: the params' sizes, the same dtypes, one device."""
+    return (
+        tuple(map(_NUMEL, grads)) == static.numels
+        and tuple(map(_DTYPE, grads)) == static.grad_dtypes
+        and set(map(Tensor.get_device, grads)) == {static.device_index}
+    )
+
+
+def _scalars(device, lr, beta1, beta2, eps, weight_decay, clip, p, with_lr: bool) -> Tensor:
+    """The float64 hyperparameter vector (rows ``_S_*``) on ``device``, cached. ``lr`` (which a schedule changes
+    every step) is in it, and in the key, only when some group computes in fp64. log2(β2) (the interpreter's pow)
+    is finite also for β2 = 0: 2**(-1e4 (t-1)) is exactly 0 in float64 for t > 1, as 0**(t-1) is."""
+    lr = float(lr) if with_lr else 0.0
+    values = (lr, beta1, 1.0 - beta1, eps, weight_decay, clip, p, beta2, math.log2(beta2) if beta2 > 0 else -1e4)
+    values = tuple(map(float, values))
+    return _cache_get(
+        _SCALARS_CACHE, (device, values), lambda: _to_device(torch.tensor(values, dtype=torch.float64), device)
+    )
+
+
+def _sums(device: torch.device, n_cols: int) -> Tensor:
+    """The zeroed float64 [3, n_cols] sums buffer: reused between calls (stream order makes that safe)."""
+    sums = _cache_get(
+        _SUMS_CACHE, (device, n_cols), lambda: torch.empty(3, n_cols, dtype=torch.float64, device=device)
+    )
+    return sums.zero_()
+
+
 def fadam_triton_(
     params: list[Tensor],
     grads: list[Tensor],
@@ -528,13 +768,23 @@ def fadam_triton_(
     maximize: bool,
     grad_scale: Tensor | None = None,
     found_inf: Tensor | None = None,
+    numels: Sequence[int] | None = None,
+    reduce: Callable[[Tensor], object] | None = None,
 ) -> None:
-    """One FAdam step over every tensor of one (device, dtype) group, in place, with 3 multi-tensor launches.
+    """One FAdam step over every tensor of the lists, in place, with 3 multi-tensor launches per dtype group.
 
-    The contract (docs/CONTRACT.md): the caller has already incremented ``steps``; grads have the param dtype,
-    exp_avgs/fishers the state dtype; ``grad_scale`` (0-d fp32) divides the grads inside the kernels;
-    ``found_inf != 0`` leaves everything unchanged (the caller rolls the steps back). Zero-size tensors are
-    no-ops. Every RMS is over the whole tensor. No host synchronisation.
+    The contract (docs/CONTRACT.md): the caller has already incremented ``steps``; exp_avgs/fishers may have any
+    supported dtype, and the lists may mix dtypes (one launch per pass for each (param, grad, exp_avg, fisher,
+    step) dtype combination); ``grad_scale`` (0-d fp32) divides the grads inside the kernels; ``found_inf != 0``
+    leaves everything unchanged (the caller rolls the steps back). Zero-size tensors are no-ops. No host
+    synchronisation.
+
+    Every RMS is over ``numels[i]`` elements (default: ``params[i].numel()``): the logical size of tensor i, of
+    which these tensors may be local shards. ``reduce`` (default: none, one process) is called exactly twice, with
+    the float64 partial sums as a ``(1, n)`` tensor (Σg²) after pass A and as a ``(2, n)`` tensor (Σ(g/D)²,
+    Σ(θ/D)²) after pass B, column i = tensor i of the lists as passed; it must sum them over the shards in place
+    (e.g. ``torch.distributed.all_reduce``). The buffer is reused by the next call: a hook must not keep it.
+    With ``reduce``, every tensor must be on one device, and it is called even when no local tensor has elements.
     """
     n_all = len(params)
     if not (len(grads) == len(exp_avgs) == len(fishers) == len(steps) == n_all):
@@ -542,6 +792,13 @@ def fadam_triton_(
             "fadam_triton_: params, grads, exp_avgs, fishers and steps must have equal lengths; got "
             f"{n_all}, {len(grads)}, {len(exp_avgs)}, {len(fishers)}, {len(steps)}"
         )
+    logical = None
+    if numels is not None:
+        logical = tuple(map(int, numels))
+        if len(logical) != n_all:
+            raise ValueError(f"fadam_triton_: numels has {len(logical)} entries for {n_all} params")
+        if n_all and min(logical) < 0:
+            raise ValueError(f"fadam_triton_: numels must be >= 0; got {min(logical)}")
     if n_all == 0:
         return
     kernels = _kernels()
@@ -556,89 +813,55 @@ def fadam_triton_(
             f"fadam_triton_: the compiled Triton kernels need CUDA tensors; got {device}. "
             "Set TRITON_INTERPRET=1 (before triton is imported) to interpret them on CPU tensors."
         )
-    dtypes = (params[0].dtype, grads[0].dtype, exp_avgs[0].dtype, fishers[0].dtype)
-    for dtype in dtypes:
-        if dtype not in kernels.dtypes:
-            raise ValueError(f"fadam_triton_: unsupported dtype {dtype}; expected float32, bfloat16, float16, float64")
-    p_dtype, g_dtype, m_dtype, f_dtype = dtypes
-    dev = params[0].get_device()
-
-    # This runs every step, so the checks are C-level maps (a Python loop over the tensors costs more than the
-    # launches): sizes, dtypes and devices must agree, since the kernels trust the address table.
-    lists = (params, grads, exp_avgs, fishers)
-    numels = list(map(Tensor.numel, params))
-    for other in lists[1:]:
-        if list(map(Tensor.numel, other)) != numels:
-            raise ValueError("fadam_triton_: every grad, exp_avg and fisher must have its param's number of elements")
-    for tensors in lists:
-        if len(set(map(_DTYPE, tensors))) != 1:
-            found = sorted(map(str, set(map(_DTYPE, tensors))))
-            raise ValueError(f"fadam_triton_: all tensors of a list must share one dtype; got {found}")
-    if set(map(Tensor.get_device, itertools.chain(*lists, steps))) != {dev}:
-        raise ValueError(f"fadam_triton_: every tensor of a call must be on {device}")
-    P, G, M, F, S = params, grads, exp_avgs, fishers, steps
-    write_back = []
-    if 0 in numels or not all(map(Tensor.is_contiguous, itertools.chain(*lists))):
-        # Slow path: drop empty tensors, and route a tensor whose four buffers do not share one dense layout
-        # through contiguous copies that are written back afterwards.
-        P, G, M, F, S = [], [], [], [], []
-        for param, grad, m, f, step in zip(params, grads, exp_avgs, fishers, steps):
-            if param.numel() == 0:
-                continue
-            if not _same_flat_layout((param, grad, m, f)):
-                staged = [t.contiguous() for t in (param, grad, m, f)]
-                for dst, src in ((param, staged[0]), (m, staged[2]), (f, staged[3])):
-                    if src is not dst:
-                        write_back.append((dst, src))
-                param, grad, m, f = staged
-            P.append(param)
-            G.append(grad)
-            M.append(m)
-            F.append(f)
-            S.append(step)
-        numels = list(map(Tensor.numel, P))
-    if not P:
-        return
+    cfg = _INTERPRET_CONFIG if kernels.interpreting else _GPU_CONFIG  # (_config() reads the environment)
+    lists = (params, grads, exp_avgs, fishers, steps)
+    # Per call, in C-level maps (a Python loop over the tensors would cost more than the launches): the plan is
+    # keyed by every address, the params' sizes and the param and fisher dtypes (freed memory is reused: a new model
+    # of the same shapes in another dtype can sit at the same addresses; a grad has its param's dtype, as autograd
+    # enforces, and exp_avg is created with fisher); the contiguity of params and grads (the tensors whose layout
+    # can change under one address) is re-checked because a cached plan assumes it. Grads at new addresses with an
+    # unchanged rest reuse the cached grouping and only get new address tables.
+    static_key = (
+        tuple(map(_DATA_PTR, itertools.chain(params, exp_avgs, fishers, steps))),
+        tuple(map(_NUMEL, params)),
+        tuple(map(_DTYPE, itertools.chain(params, fishers))),
+        logical,
+        cfg,
+    )
+    grad_addrs = tuple(map(_DATA_PTR, grads))
+    key = (static_key, grad_addrs)
+    plan = _PLAN_CACHE.get(key)
+    contiguous = all(map(_IS_CONTIGUOUS, itertools.chain(params, grads)))
+    if plan is None or not contiguous:
+        static = _STATIC_CACHE.get(static_key) if contiguous else None
+        if static is not None and _grads_fit(static, grads):
+            plan = _plan_from_static(static, static_key[0], grad_addrs, device)
+        else:
+            plan, static = _build_plan(lists, logical, cfg, device, static_key[0], grad_addrs)
+            if static is not None:
+                _cache_get(_STATIC_CACHE, static_key, lambda: static)
+        if static is not None:
+            _cache_get(_PLAN_CACHE, key, lambda: plan)
     for scalar, name in ((grad_scale, "grad_scale"), (found_inf, "found_inf")):
-        if scalar is not None and (scalar.get_device() != dev or scalar.numel() != 1):
+        if scalar is not None and (scalar.device != device or scalar.numel() != 1):
             raise ValueError(f"fadam_triton_: {name} must be a one-element tensor on {device}")
-    compute = torch.float64 if torch.float64 in dtypes else torch.float32
-
-    cfg = _config()
-    n = len(P)
-    meta, n_chunks = _meta_table(tuple(numels), cfg.chunk, device)
-    data_ptr = Tensor.data_ptr
-    addrs = (*map(data_ptr, P), *map(data_ptr, G), *map(data_ptr, M), *map(data_ptr, F))
-    addr = _addr_table(addrs, device)
-    aligned = not functools.reduce(operator.or_, addrs) & 15
-
-    from .._math import fisher_beta
-
-    beta2_hat = fisher_beta(beta2, torch.stack(S))  # float64 [n], on device, sync-free
-    # float64 sums: a tensor of 2**31 elements adds ~10**5 chunk partials, too many for fp32 accumulation.
-    sums = torch.zeros(3 * n, dtype=torch.float64, device=device)
-    scalars = sums  # unused unless the math runs in fp64 (Triton passes Python floats as fp32)
-    if compute == torch.float64:
-        values = (lr, beta1, 1.0 - beta1, eps, weight_decay, clip, p)
-        scalars = _to_device(torch.tensor(values, dtype=torch.float64), device)
-
+    if not plan.groups and reduce is None:
+        return
+    scalars = _scalars(device, lr, beta1, beta2, eps, weight_decay, clip, p, plan.any_fp64)
+    sums = _sums(device, plan.n_cols)
     # Triton launches on the current device: make it the tensors' device.
     same_device = device.type != "cuda" or device.index == torch.cuda.current_device()
     with contextlib.nullcontext() if same_device else torch.cuda.device(device):
         _launch(
-            kernels, cfg, n, n_chunks, meta, addr, sums, beta2_hat, grad_scale, found_inf, scalars, aligned,
-            dtypes=(p_dtype, g_dtype, m_dtype, f_dtype, compute), lr=lr, beta1=beta1, eps=eps,
-            weight_decay=weight_decay, clip=clip, p=p, maximize=maximize,
+            kernels, cfg, plan, sums, scalars, grad_scale, found_inf, reduce,
+            lr=lr, beta1=beta1, weight_decay=weight_decay, p=p, maximize=maximize,
         )  # fmt: skip
-    for dst, src in write_back:
+    for dst, src in plan.write_back:
         dst.copy_(src)
 
 
-def _launch(
-    kernels, cfg, n, n_chunks, meta, addr, sums, beta2_hat, grad_scale, found_inf, scalars, aligned, *,
-    dtypes, lr, beta1, eps, weight_decay, clip, p, maximize,
-):  # fmt: skip
-    p_dtype, g_dtype, m_dtype, f_dtype, compute = dtypes
+def _launch(kernels, cfg, plan, sums, scalars, grad_scale, found_inf, reduce, *, lr, beta1, weight_decay, p, maximize):
+    """Pass A of every group, reduce(Σg²), pass B of every group, reduce(Σ(g/D)², Σ(θ/D)²), pass C of every group."""
     has_scale = grad_scale is not None
     has_found = found_inf is not None
     scale_arg = grad_scale if has_scale else sums
@@ -646,26 +869,35 @@ def _launch(
     has_wd = weight_decay != 0
     p_mode = 0 if p == 0.5 else 1 if p == 1 else 2
     t = kernels.dtypes
-    common = dict(ALIGNED=aligned, CHUNK=cfg.chunk)
-    grid = (n_chunks,)
-    kernels.pass_a[grid](
-        meta, addr, sums, scale_arg, found_arg, n, n_chunks,
-        G_DT=t[g_dtype], CDT=t[compute], HAS_SCALE=has_scale, HAS_FOUND=has_found,
-        BLOCK=cfg.block_a, num_warps=cfg.warps_a, **common,
-    )  # fmt: skip
-    kernels.pass_b[grid](
-        meta, addr, sums, beta2_hat, scale_arg, found_arg, scalars, n, n_chunks, float(eps), float(p),
-        G_DT=t[g_dtype], P_DT=t[p_dtype], F_DT=t[f_dtype], CDT=t[compute], HAS_SCALE=has_scale,
-        HAS_FOUND=has_found, HAS_WD=has_wd, P_MODE=p_mode, INTERPRET=kernels.interpreting,
-        BLOCK=cfg.block_b, num_warps=cfg.warps_b, **common,
-    )  # fmt: skip
-    kernels.pass_c[grid](
-        meta, addr, sums, beta2_hat, scale_arg, found_arg, scalars, n, n_chunks,
-        float(lr), float(beta1), 1.0 - float(beta1), float(eps), float(weight_decay), float(clip), float(p),
-        P_DT=t[p_dtype], G_DT=t[g_dtype], M_DT=t[m_dtype], F_DT=t[f_dtype], CDT=t[compute],
-        HAS_SCALE=has_scale, HAS_FOUND=has_found, HAS_WD=has_wd, MAXIMIZE=bool(maximize), P_MODE=p_mode,
-        INTERPRET=kernels.interpreting, BLOCK=cfg.block_c, num_warps=cfg.warps_c, **common,
-    )  # fmt: skip
+    interp = kernels.interpreting
+    n_cols = plan.n_cols
+    lr, beta1, weight_decay, p = float(lr), float(beta1), float(weight_decay), float(p)
+    for g in plan.groups:
+        kernels.pass_a[(g.n_chunks,)](
+            g.meta, g.addr, sums, scale_arg, found_arg, g.n, g.n_chunks,
+            G_DT=t[g.dtypes[1]], CDT=t[g.dtypes[5]], HAS_SCALE=has_scale, HAS_FOUND=has_found,
+            ALIGNED=g.aligned, CHUNK=cfg.chunk, BLOCK=cfg.block_a, num_warps=cfg.warps_a,
+        )  # fmt: skip
+    if reduce is not None:
+        reduce(sums[0:1])
+    for g in plan.groups:
+        kernels.pass_b[(g.n_chunks,)](
+            g.meta, g.addr, sums, scale_arg, found_arg, scalars, g.n, g.n_chunks, n_cols, p,
+            G_DT=t[g.dtypes[1]], P_DT=t[g.dtypes[0]], F_DT=t[g.dtypes[3]], S_DT=t[g.dtypes[4]], CDT=t[g.dtypes[5]],
+            HAS_SCALE=has_scale, HAS_FOUND=has_found, HAS_WD=has_wd, P_MODE=p_mode, INTERPRET=interp,
+            ALIGNED=g.aligned, CHUNK=cfg.chunk, BLOCK=cfg.block_b, num_warps=cfg.warps_b,
+        )  # fmt: skip
+    if reduce is not None:
+        reduce(sums[1:3])
+    for g in plan.groups:
+        kernels.pass_c[(g.n_chunks,)](
+            g.meta, g.addr, sums, scale_arg, found_arg, scalars, g.n, g.n_chunks, n_cols,
+            lr, beta1, 1.0 - beta1, weight_decay, p,
+            P_DT=t[g.dtypes[0]], G_DT=t[g.dtypes[1]], M_DT=t[g.dtypes[2]], F_DT=t[g.dtypes[3]], S_DT=t[g.dtypes[4]],
+            CDT=t[g.dtypes[5]], HAS_SCALE=has_scale, HAS_FOUND=has_found, HAS_WD=has_wd, MAXIMIZE=bool(maximize),
+            P_MODE=p_mode, INTERPRET=interp, ALIGNED=g.aligned, CHUNK=cfg.chunk, BLOCK=cfg.block_c,
+            num_warps=cfg.warps_c,
+        )  # fmt: skip
 
 
 def _bytes_per_param(param_bytes: int, state_bytes: int, weight_decay: bool = True) -> int:

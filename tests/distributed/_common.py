@@ -16,6 +16,7 @@ import json
 import os
 import sys
 import tempfile
+import time
 import traceback
 from collections.abc import Callable
 from pathlib import Path
@@ -73,6 +74,7 @@ class CheckRecorder:
         self.results: dict[str, dict[str, Any]] = {}
 
     def run(self, name: str, fn: Callable[[], dict[str, Any] | None]) -> None:
+        start = time.perf_counter()
         try:
             info = fn() or {}
             self.results[name] = {"ok": True, "info": info}
@@ -82,6 +84,7 @@ class CheckRecorder:
                 "error": f"{type(exc).__name__}: {exc}",
                 "traceback": traceback.format_exc(),
             }
+        self.results[name]["seconds"] = round(time.perf_counter() - start, 3)
         self.flush()
 
     def flush(self) -> None:
@@ -101,10 +104,28 @@ def max_rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
     return diff / scale if scale > 0 else diff
 
 
+def count_collectives(fn: Callable[[], Any]) -> dict[str, int]:
+    """Run ``fn()`` under the profiler and count the collectives that reached the process-group backend.
+
+    The backend records one event per collective it runs (``gloo:all_reduce``, ``nccl:all_reduce``, ...), whoever
+    issued it: ``dist.all_reduce`` in a ``reduce`` hook, or DTensor's own redistributions. Returns name -> count.
+    """
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        fn()
+    counts: dict[str, int] = {}
+    for event in prof.events():
+        if event.name.startswith(("gloo:", "nccl:")):
+            counts[event.name] = counts.get(event.name, 0) + 1
+    return counts
+
+
 def main_out_dir() -> str:
     """The output folder given on the command line (a fresh temporary one when absent)."""
-    if len(sys.argv) > 1:
-        return sys.argv[1]
+    args = [a for a in sys.argv[1:] if not a.startswith("--")]
+    if args:
+        return args[0]
     return tempfile.mkdtemp(prefix="hf_fadam_dist_")
 
 

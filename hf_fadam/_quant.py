@@ -1,0 +1,213 @@
+r"""Blockwise 8-bit quantization of FAdam's two states: the maps, and the torch reference of quantize/dequantize.
+
+Layout. A state tensor of ``n`` elements is read in its flat (row-major) order and cut into blocks of
+``block_size`` elements (the last block may be shorter). Each block stores one float32 ``scale`` and one byte per
+element, a *code*. The value of an element is ``decode(code) * scale``; the scale is chosen per block so that the
+block's largest magnitude lands on the largest code (``scale = absmax / VMAX``). Storage: 1 byte per element plus
+4 bytes per block, i.e. ``1 + 4 / block_size`` bytes per element and state (1.016 at block_size 256).
+
+The maps: small floating-point formats, relative to the block's absmax
+-----------------------------------------------------------------------
+Both codes are unsigned minifloats with ``E`` exponent bits and ``M`` mantissa bits (bias ``2**E - 1``, subnormals,
+no inf/NaN): a code ``q = e << M | mant`` decodes to ``(1 + mant / 2**M) * 2**(e - bias)`` for ``e >= 1`` and to
+``mant * 2**(1 - bias - M)`` for ``e == 0``. ``VMAX = 2 - 2**-M`` is the largest value.
+
+* ``m`` (momentum, signed): ``int8`` code ``c`` in ``[-127, 127]``, value ``sign(c) * decode_E3M4(|c|) * scale``.
+  E3M4: 7 binades from the block's absmax down with 16 steps each (relative rounding error <= 2**-5 = 3.1 %),
+  then linear subnormals down to 2**-10 / VMAX ≈ 5e-4 of the absmax.
+* ``f`` (Fisher, non-negative): the code stores ``s = sqrt(f)``, not ``f``: ``uint8`` code with E4M4, value
+  ``decode_E4M4(q) * scale`` = s. 15 binades of s (30 of f) with 16 steps per binade, subnormals down to
+  2**-18 / VMAX ≈ 2e-6 of the block's largest s (4e-12 of its largest f).
+
+Why these maps, and not the ones bitsandbytes and torchao use
+-------------------------------------------------------------
+bitsandbytes' 8-bit optimizers (and torchao's ``AdamW8bit``, which copies its map) quantize blockwise (256 elements,
+one absmax per block) with the *dynamic tree* map: a decimal exponent encoded by the number of leading zero bits,
+then a linear fraction in [0.1, 1) with the remaining bits; signed for m, unsigned (the sign bit spent on one more
+fraction bit) for Adam's v. Quantization there is a search of the 256-entry table (a binary search in the CUDA
+kernels, ``bucketize``/``argmin`` in torchao). torchao's 4-bit optimizer found the *zero-point problem*: a v that
+rounds to 0 blows the update up (g / (sqrt(0) + eps)); it quantizes v with a linear map that excludes zero, and
+quantizing sqrt(v) instead of v (which halves the dynamic range in decades) is the other known remedy.
+
+The choice here follows what FAdam needs:
+
+1. **Relative precision where it matters.** FAdam uses f only through ``D = sqrt(f) + ε̂`` (p = ½), so what must
+   be kept is the *relative* precision of ``sqrt(f)``. Storing s = sqrt(f) puts all of the code's precision on D
+   (a relative error r on s is r on D; on f it would be r/2 on D but cost twice the decades), and halves the
+   number of decades the code must span. A float format has a near-constant relative step (2**-4 per binade,
+   ≤ 3.1 % error) over 15 binades of s, where the dynamic tree map has 0.35-3.5 % in its top decade but only
+   2-3 values per decade below 1e-5.
+2. **No zero point.** A Fisher that rounds to 0 is the dangerous error: the next step's D = sqrt(f_new) + ε̂ then
+   sees only (1−β̂2)·g² (30x too small at β2 = 0.999), the element's θ/D dominates the weight-decay RMS clip of
+   its tensor and moves it by up to lr·λ·sqrt(numel) (observed: one element overshooting by 3x its fp32 path).
+   E4M4 on s reaches 2e-6 of the block's largest s (f down to 4e-12 of the block's largest f), and below the
+   smallest normal value the f map rounds *up* (never to 0): an s that small is overestimated (a smaller,
+   conservative update), never underestimated.
+3. **Momentum decays.** m ← β1·m + (1−β1)·ḡ must be able to shrink by 10 % per step; with round-to-nearest that
+   needs a relative half-step below 10 %. Linear int8 (absmax / 127) fails for small elements of a block (they
+   freeze); E3M4's half step is ≤ 3.1 % over 7 binades, and the subnormal tail freezes only below ~2e-3 of the
+   block's absmax, where m's contribution to the update is negligible.
+4. **Closed-form, branch-free encoding.** A minifloat is encoded by rounding the float32 bits (round to nearest
+   even), with no table search: a handful of integer ops that vectorize in the C kernel (AVX2), run in Triton and
+   in torch with identical results. Decoding is the same bit manipulation in reverse. The torch functions below
+   are the reference; the kernels reproduce them bit for bit given the same float32 input.
+
+Rounding is to nearest (deterministic, as in bitsandbytes' and torchao's 8-bit optimizers), except the f map's
+subnormal range, which rounds up (point 2). A known consequence of rounding to nearest,
+shared with them: with β2 = 0.999 an element's stored Fisher moves only when the change exceeds half a code step
+relative to its block's absmax (the absmax itself is exact), so f reacts to spikes at once but decays mostly
+through its block's scale. The accuracy test and the convergence study measure the effect on training.
+
+A NaN anywhere in a block makes that block's scale NaN (the absmax propagates NaN), so the whole block decodes to
+NaN: FAdam's IEEE propagation of non-finite gradients holds block-wise for f and, through the per-tensor RMS,
+tensor-wise for m.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+__all__ = [
+    "M_FORMAT",
+    "F_FORMAT",
+    "MiniFloat",
+    "num_blocks",
+    "quantize_blockwise",
+    "dequantize_blockwise",
+    "code_table",
+]
+
+
+class MiniFloat:
+    """An unsigned minifloat with ``exp_bits`` exponent and ``man_bits`` mantissa bits (bias ``2**exp_bits - 1``)."""
+
+    def __init__(self, exp_bits: int, man_bits: int, round_up_subnormal: bool = False) -> None:
+        self.exp_bits = exp_bits
+        self.round_up_subnormal = round_up_subnormal
+        self.man_bits = man_bits
+        self.bias = 2**exp_bits - 1
+        self.qmax = 2 ** (exp_bits + man_bits) - 1
+        self.vmax = 2.0 - 2.0**-man_bits  # largest value (exact in float32)
+        self.min_normal = 2.0 ** (1 - self.bias)
+        self.sub_mul = 2.0 ** (self.bias - 1 + man_bits)  # value -> subnormal code (an exact power of two)
+        self.sub_step = 2.0 ** (1 - self.bias - man_bits)  # subnormal code -> value
+
+    def encode(self, u: Tensor) -> Tensor:
+        """Round float32 ``u`` (>= 0, <= vmax up to rounding) to the nearest code (ties to even), as int32.
+
+        With ``round_up_subnormal`` (the f map) values below the smallest normal round *up* to the next subnormal
+        code instead: a positive value never becomes 0, so D = sqrt(f) + ε̂ is never underestimated by more than
+        the normal range's half step (see the module docstring, "zero point").
+        """
+        u = u.to(torch.float32)
+        shift = 23 - self.man_bits
+        bits = u.view(torch.int32)
+        # Normal range: round the float32 mantissa to man_bits bits (nearest even), then rebias the exponent.
+        rounded = (bits + ((1 << (shift - 1)) - 1) + ((bits >> shift) & 1)) >> shift
+        normal = rounded - ((127 - self.bias) << self.man_bits)
+        # Subnormal range: an exact scaling by a power of two, then round half to even.
+        y = u * self.sub_mul
+        sub = torch.round(y)
+        if self.round_up_subnormal:
+            sub = sub + (sub < y).to(sub.dtype)  # ceil, written as the kernels write it
+        sub = sub.to(torch.int32)
+        q = torch.where(u < self.min_normal, sub, normal)
+        return q.clamp(0, self.qmax)
+
+    def decode(self, q: Tensor) -> Tensor:
+        """The float32 value of integer codes ``q`` (in [0, qmax])."""
+        q = q.to(torch.int32)
+        e = q >> self.man_bits
+        mant = q & ((1 << self.man_bits) - 1)
+        bits = ((e + (127 - self.bias)) << 23) | (mant << (23 - self.man_bits))
+        normal = bits.view(torch.float32)
+        sub = mant.to(torch.float32) * self.sub_step
+        return torch.where(e == 0, sub, normal)
+
+    def table(self) -> Tensor:
+        """All ``qmax + 1`` values in code order (increasing), float32."""
+        return self.decode(torch.arange(self.qmax + 1, dtype=torch.int32))
+
+
+#: The map of m: sign + E3M4 magnitude (int8 codes in [-127, 127]).
+M_FORMAT = MiniFloat(3, 4)
+#: The map of f: E4M4 of sqrt(f) (uint8 codes in [0, 255]); subnormals round up (no zero point).
+F_FORMAT = MiniFloat(4, 4, round_up_subnormal=True)
+
+
+def num_blocks(numel: int, block_size: int) -> int:
+    """The number of quantization blocks (and scales) of a tensor of ``numel`` elements."""
+    return (numel + block_size - 1) // block_size
+
+
+def _nan_max(x: Tensor, dim: int) -> Tensor:
+    # torch.amax propagates NaN (it is not fmax), which is what makes a NaN block decode to NaN.
+    return x.amax(dim=dim)
+
+
+def _blocks(x: Tensor, block_size: int) -> tuple[Tensor, int]:
+    """``x`` flat, zero-padded to whole blocks, as (num_blocks, block_size); and the pad length."""
+    flat = x.reshape(-1)
+    pad = (-flat.numel()) % block_size
+    if pad:
+        flat = torch.cat([flat, flat.new_zeros(pad)])
+    return flat.view(-1, block_size), pad
+
+
+def quantize_blockwise(x: Tensor, block_size: int, signed: bool) -> tuple[Tensor, Tensor]:
+    """Quantize float32 ``x`` blockwise: ``(codes, scales)``.
+
+    ``signed=True`` (the m map): int8 codes, sign and E3M4 magnitude. ``signed=False`` (the f map, applied to
+    ``x = sqrt(f)``): uint8 E4M4 codes. Codes have ``x``'s shape; scales are float32 ``(num_blocks,)`` with
+    ``scale = absmax / VMAX``. The scale's reciprocal ``VMAX / absmax`` is computed in float32 and multiplied in,
+    exactly as the kernels do, so every implementation produces the same codes from the same float32 input.
+    """
+    fmt = M_FORMAT if signed else F_FORMAT
+    x = x.to(torch.float32)
+    blocks, pad = _blocks(x, block_size)
+    mag = blocks.abs() if signed else blocks
+    absmax = _nan_max(mag, 1)
+    vmax = torch.tensor(fmt.vmax, dtype=torch.float32, device=x.device)
+    inv = torch.where(absmax > 0, vmax / absmax, torch.zeros_like(absmax))
+    inv = torch.where(absmax.isnan(), absmax, inv)
+    q = fmt.encode((mag * inv[:, None]).nan_to_num(0.0))
+    if signed:
+        q = torch.where(blocks < 0, -q, q)
+        codes = q.to(torch.int8)
+    else:
+        codes = q.to(torch.uint8)
+    codes = codes.reshape(-1)
+    if pad:
+        codes = codes[: x.numel()]
+    scales = absmax / vmax
+    return codes.view(x.shape), scales
+
+
+def dequantize_blockwise(codes: Tensor, scales: Tensor, block_size: int) -> Tensor:
+    """The float32 values of ``codes`` (int8: the m map; uint8: the f map, giving sqrt(f)), shaped like ``codes``."""
+    signed = codes.dtype == torch.int8
+    if not signed and codes.dtype != torch.uint8:
+        raise TypeError(f"dequantize_blockwise: codes must be int8 or uint8; got {codes.dtype}")
+    fmt = M_FORMAT if signed else F_FORMAT
+    c = codes.reshape(-1).to(torch.int32)
+    values = fmt.decode(c.abs()) if signed else fmt.decode(c)
+    if signed:
+        values = torch.where(c < 0, -values, values)
+    n = c.numel()
+    expanded = scales.repeat_interleave(block_size)[:n] if n else scales.new_zeros(0)
+    return (values * expanded).view(codes.shape)
+
+
+def code_table(signed: bool) -> Tensor:
+    """All values of a map, sorted (for tests and docs): 255 for the signed m map, 256 for the f map."""
+    fmt = M_FORMAT if signed else F_FORMAT
+    t = fmt.table()
+    return torch.cat([-t.flip(0)[:-1], t]) if signed else t
+
+
+def relative_step(signed: bool) -> float:
+    """The largest relative rounding error of a map's normal range (half a mantissa step at a binade's start)."""
+    fmt = M_FORMAT if signed else F_FORMAT
+    return 0.5 * 2.0**-fmt.man_bits

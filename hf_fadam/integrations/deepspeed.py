@@ -1,0 +1,215 @@
+"""FAdam inside DeepSpeed: describe each flat fp32 partition that DeepSpeed hands FAdam, so that FAdam stays exact.
+
+DeepSpeed wraps a client optimizer in an optimizer of its own that replaces every param group's parameters with
+ONE flat fp32 tensor (the master weights) and calls the client's ``step()`` on it:
+
+============================  ================================  ===============================================
+DeepSpeed optimizer           flat tensor of group ``i``        which slice of which parameter it holds
+============================  ================================  ===============================================
+``DeepSpeedZeroOptimizer``    ``single_partition_of_fp32_``     this rank's slice of the group's concatenated
+(ZeRO 1, 2)                   ``groups[i]``                     params: each param's ``_hp_mapping``
+``BF16_Optimizer``            ``fp32_groups_flat_partition[i]`` the same, with ``_hp_mapping``
+(ZeRO 1 with bf16 params)
+``DeepSpeedZeroOptimizer_``   ``fp32_partitioned_groups_``      this rank's slice ``[r·n, (r+1)·n)`` of each
+``Stage3`` (ZeRO 3)           ``flat[i]`` (a sub-group)         param of the sub-group, ``n = partition_numel()``
+============================  ================================  ===============================================
+
+Without ZeRO, fp16/bf16 params get ``FP16_UnfusedOptimizer`` for a client optimizer such as FAdam (DeepSpeed's flat
+``FP16_Optimizer`` is only used for its own FusedAdam): an fp32 copy of each whole parameter, nothing to map.
+
+:func:`attach` turns that record into a :class:`hf_fadam._flat.FlatLayout` per flat tensor (fragments, each
+parameter's full size, the data-parallel process group) and attaches it to the tensor. ``FAdam.step`` then updates
+the flat tensor fragment by fragment with per-parameter sums all-reduced over the group: the weights equal those
+of one process on the same global batch. Padding belongs to no parameter and is left alone.
+
+:func:`install` makes this automatic: it wraps the ``__init__`` of the three DeepSpeed optimizers so that each one
+built around a FAdam attaches the layouts right away (``deepspeed.initialize``, the Trainer and accelerate all go
+through them). ``FAdam()`` calls it when DeepSpeed is already imported, and the Trainer's ``--optim fadam`` handler
+calls it for a DeepSpeed run; a script that imports DeepSpeed only after building FAdam calls ``install()`` (or
+``attach(engine)`` after ``deepspeed.initialize``) itself.
+
+Not mapped: ZeRO 3 with the optimizer state on NVMe (``offload_optimizer.device: nvme``), whose flat tensors are
+swapped in and out of placeholder tensors. ``attach`` raises ``NotImplementedError`` for it; the automatic hook
+logs a warning and FAdam then takes its RMS per partition (the Trainer refuses such runs unless
+``allow_flat_shards=true``).
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from .._flat import FlatLayout, get_layout, init_state, set_layout
+
+
+__all__ = ["attach", "install", "installed", "layouts"]
+
+logger = logging.getLogger("hf_fadam")
+
+_MARK = "_hf_fadam_patched"
+
+
+def _is_fadam(optimizer: Any) -> bool:
+    from ..optimizer import FAdam
+
+    return isinstance(optimizer, FAdam)
+
+
+def _rank(group: Any) -> int:
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return 0
+    return torch.distributed.get_rank(group)
+
+
+def _hp_mapping_layout(lp_params: list[Tensor], flat: Tensor, group: Any) -> FlatLayout:
+    """ZeRO 1/2 and BF16_Optimizer: DeepSpeed's own record (``param._hp_mapping``) of each fragment's place."""
+    starts, lengths, numels, slots = [], [], [], []
+    for slot, lp in enumerate(lp_params):
+        mapping = getattr(lp, "_hp_mapping", None)
+        if mapping is None:  # no element of this parameter in this rank's partition
+            continue
+        address = mapping.get_hp_fragment_address()
+        if address.numel == 0:
+            continue
+        starts.append(int(address.start))
+        lengths.append(int(address.numel))
+        numels.append(lp.numel())
+        slots.append(slot)
+    return FlatLayout(tuple(starts), tuple(lengths), tuple(numels), tuple(slots), len(lp_params), flat.numel(), group)
+
+
+def _stage3_layout(params: list[Tensor], flat: Tensor, group: Any) -> FlatLayout:
+    """ZeRO 3: the sub-group's flat tensor is this rank's partition of each parameter, one after the other."""
+    rank = _rank(group)
+    starts, lengths, numels, slots = [], [], [], []
+    offset = 0
+    for slot, param in enumerate(params):
+        part = int(param.partition_numel())
+        full = int(param.ds_numel)
+        length = min(part, max(0, full - rank * part))  # the last ranks' partitions end in padding
+        if length > 0:
+            starts.append(offset)
+            lengths.append(length)
+            numels.append(full)
+            slots.append(slot)
+        offset += part
+    if offset != flat.numel():
+        raise RuntimeError(
+            f"hf_fadam: a ZeRO-3 flat partition has {flat.numel()} elements, its parameters' partitions add up to "
+            f"{offset}; this DeepSpeed version lays out ZeRO-3 partitions in a way hf_fadam does not know"
+        )
+    return FlatLayout(tuple(starts), tuple(lengths), tuple(numels), tuple(slots), len(params), flat.numel(), group)
+
+
+def layouts(ds_optimizer: Any) -> list[tuple[Tensor, FlatLayout]]:
+    """``(flat tensor, FlatLayout)`` for every flat tensor that ``ds_optimizer`` (a DeepSpeed optimizer) steps."""
+    cls = type(ds_optimizer).__name__
+    if hasattr(ds_optimizer, "fp32_partitioned_groups_flat") and hasattr(ds_optimizer, "fp16_groups"):  # ZeRO 3
+        if getattr(ds_optimizer, "swap_optimizer", False):
+            raise NotImplementedError(
+                "hf_fadam: FAdam under ZeRO 3 with the optimizer state on NVMe (offload_optimizer.device=nvme) is "
+                "not supported: its flat partitions are swapped through placeholder tensors. Use "
+                "offload_optimizer.device=cpu or none."
+            )
+        groups = getattr(ds_optimizer, "sub_group_process_groups", None)
+        out = []
+        for i, (params, flat) in enumerate(zip(ds_optimizer.fp16_groups, ds_optimizer.fp32_partitioned_groups_flat)):
+            group = groups[i] if groups else ds_optimizer.dp_process_group
+            out.append((flat, _stage3_layout(params, flat, group)))
+        return out
+    # ZeRO 1/2 (DeepSpeedZeroOptimizer), then BF16_Optimizer: the same _hp_mapping records.
+    for lp_attr, flat_attr in (
+        ("bit16_groups", "single_partition_of_fp32_groups"),
+        ("bf16_groups", "fp32_groups_flat_partition"),
+    ):
+        if hasattr(ds_optimizer, lp_attr) and hasattr(ds_optimizer, flat_attr):
+            lp_groups = getattr(ds_optimizer, lp_attr)
+            flats = getattr(ds_optimizer, flat_attr)
+            dp_groups = ds_optimizer.real_dp_process_group
+            return [
+                (flat, _hp_mapping_layout(lp, flat, dp_groups[i]))
+                for i, (lp, flat) in enumerate(zip(lp_groups, flats))
+            ]
+    raise TypeError(
+        f"hf_fadam: cannot map the flat partitions of DeepSpeed's {cls}: FAdam knows DeepSpeedZeroOptimizer (ZeRO 1, "
+        f"2), DeepSpeedZeroOptimizer_Stage3 (ZeRO 3) and BF16_Optimizer"
+    )
+
+
+def attach(engine_or_optimizer: Any) -> int:
+    """Attach fragment layouts to the flat tensors of a DeepSpeed optimizer (or engine) that wraps FAdam.
+
+    Returns the number of flat tensors described. Idempotent. Raises ``TypeError`` for a DeepSpeed optimizer that
+    does not wrap FAdam or whose layout hf_fadam does not know.
+    """
+    ds_optimizer = getattr(engine_or_optimizer, "optimizer", None)
+    if _is_fadam(ds_optimizer):  # a DeepSpeed optimizer itself
+        ds_optimizer = engine_or_optimizer
+    elif not _is_fadam(getattr(ds_optimizer, "optimizer", None)):  # an engine: engine.optimizer.optimizer
+        raise TypeError(
+            f"hf_fadam.integrations.deepspeed.attach needs a DeepSpeed engine or optimizer that wraps FAdam; got "
+            f"{type(engine_or_optimizer).__name__}"
+        )
+    fadam = ds_optimizer.optimizer
+    pairs = layouts(ds_optimizer)
+    group_ids = getattr(ds_optimizer, "sub_group_to_group_id", None)  # ZeRO 3: sub-group -> param group
+    for i, (flat, layout) in enumerate(pairs):
+        set_layout(flat, layout)
+        group = fadam.param_groups[group_ids[i] if group_ids is not None else i]
+        # DeepSpeed links per-parameter views of the state after the first group's first step: create it now.
+        init_state(fadam.state, group, flat, layout)
+    return len(pairs)
+
+
+def _attach_after(init):
+    @functools.wraps(init)
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        init(self, *args, **kwargs)
+        if _is_fadam(getattr(self, "optimizer", None)):
+            try:
+                attach(self)
+            except NotImplementedError as exc:
+                logger.warning("%s FAdam runs with per-partition statistics instead.", exc)
+
+    setattr(__init__, _MARK, True)
+    return __init__
+
+
+def _optimizer_classes() -> list[type]:
+    from deepspeed.runtime.bf16_optimizer import BF16_Optimizer
+    from deepspeed.runtime.zero.stage3 import DeepSpeedZeroOptimizer_Stage3
+    from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
+
+    return [DeepSpeedZeroOptimizer, DeepSpeedZeroOptimizer_Stage3, BF16_Optimizer]
+
+
+def installed() -> bool:
+    """Whether :func:`install` has patched DeepSpeed in this process."""
+    try:
+        return all(getattr(cls.__init__, _MARK, False) for cls in _optimizer_classes())
+    except ImportError:
+        return False
+
+
+def install() -> bool:
+    """Make every DeepSpeed optimizer built around a FAdam from now on attach its layouts (idempotent).
+
+    Returns False when DeepSpeed is not importable.
+    """
+    try:
+        classes = _optimizer_classes()
+    except ImportError:
+        return False
+    for cls in classes:
+        if not getattr(cls.__init__, _MARK, False):
+            cls.__init__ = _attach_after(cls.__init__)
+    return True
+
+
+def is_attached(flat: Tensor) -> bool:
+    """Whether ``flat`` carries a layout (for tests and checks)."""
+    return get_layout(flat) is not None

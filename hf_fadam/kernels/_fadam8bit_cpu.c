@@ -1,0 +1,400 @@
+/*
+ * FAdam8bit CPU kernel: one FAdam step with blockwise 8-bit m and sqrt(f) (hf_fadam/_quant.py has the maps),
+ * built at first use by hf_fadam/kernels/cpu_fused_8bit.py. Plain C, no torch headers.
+ *
+ * One call steps every tensor of one param dtype. Each tensor is cut into chunks (a whole number of quantization
+ * blocks); the OpenMP team shares the chunks of all tensors, phase by phase:
+ *
+ *   A  sums[0][i] = sum g^2                                            -> (reduce) -> eps_hat
+ *   B  sums[1][i] = sum (g/D)^2, sums[2][i] = sum (theta/D)^2           -> (reduce) -> the two clip divisors
+ *      with f = (decoded s)^2, f_new = bh f + (1-bh) g^2 and D = f_new^p + eps_hat, recomputed in registers
+ *   C  per quantization block: m_new, s_new = sqrt(f_new) and theta into registers / a small local buffer, the
+ *      block's absmax of m_new and max of s_new, then the codes and the two new scales are written.
+ *
+ * Per-chunk partial sums are combined in chunk order, so the sums do not depend on the thread count. `phase` 0
+ * runs A, B and C in one parallel region (no reduce); 1, 2, 3 run one phase each, so that the caller can reduce
+ * the (local) sums over processes in between (the reduction-hook contract of docs/CONTRACT.md).
+ *
+ * Tensors whose state is fp32 (below min_8bit_size; their scale pointers are NULL) run the same three passes on
+ * float m and f. Codes are encoded with the bit operations of _quant.MiniFloat.encode (round to nearest even),
+ * bit for bit the torch reference given the same float input. The build uses -ffp-contract=off.
+ *
+ * Non-finite values: a NaN in m_new or s_new can only come from a NaN/inf gradient or an already non-finite state,
+ * and either makes a per-tensor sum (and so eps_hat or a clip divisor) non-finite. So pass C takes each block's
+ * maxima with plain vectorized max and encodes without NaN checks when the tensor's sums are finite, and falls back
+ * to a NaN-propagating max (the block's scale becomes NaN, as in the reference) and NaN-safe encoding otherwise,
+ * or when a block's maximum overflowed to inf.
+ *
+ * Cost: decoding is a shift, an add and a select per code; encoding ~12 integer/float ops. On a compute-bound
+ * single core (the CPUs of the benchmarks here) that codec work, not memory traffic, sets the step time.
+ */
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+#define HF_FADAM8_ABI 1
+#define MAX_BLOCK 4096
+#define CHUNK_TARGET 32768
+
+typedef struct {
+    double lr, beta1, eps, weight_decay, clip, p, grad_scale;
+    int64_t block_size;
+    int maximize, has_grad_scale;
+} fadam8_hparams;
+
+int hf_fadam8_abi_version(void) { return HF_FADAM8_ABI; }
+
+/* ---------------------------------------------------------------- conversions */
+
+static inline float bits_to_f32(uint32_t u) { float f; memcpy(&f, &u, 4); return f; }
+static inline uint32_t f32_to_bits(float f) { uint32_t u; memcpy(&u, &f, 4); return u; }
+
+static inline float bf16_load(uint16_t h) { return bits_to_f32((uint32_t)h << 16); }
+static inline uint16_t bf16_store(float f) {
+    uint32_t u = f32_to_bits(f);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return 0x7fc0u;
+    u += 0x7fffu + ((u >> 16) & 1u);
+    return (uint16_t)(u >> 16);
+}
+static inline float f16_load(uint16_t h) {
+    uint32_t sign = (uint32_t)(h & 0x8000u) << 16;
+    uint32_t expo = (h >> 10) & 0x1fu, mant = h & 0x3ffu;
+    if (expo == 0x1fu) return bits_to_f32(sign | 0x7f800000u | (mant << 13));
+    if (expo == 0) {
+        float v = (float)mant * 5.9604644775390625e-8f;
+        return sign ? -v : v;
+    }
+    return bits_to_f32(sign | ((expo + 112u) << 23) | (mant << 13));
+}
+static inline uint16_t f16_store(float f) {
+    uint32_t x = f32_to_bits(f);
+    uint16_t sign = (uint16_t)((x >> 16) & 0x8000u);
+    x &= 0x7fffffffu;
+    if (x >= 0x7f800000u) return sign | (x > 0x7f800000u ? 0x7e00u : 0x7c00u);
+    if (x >= 0x477ff000u) return sign | 0x7c00u;
+    if (x < 0x38800000u) {
+        float a = bits_to_f32(x) + 0.5f;
+        return sign | (uint16_t)(f32_to_bits(a) - 0x3f000000u);
+    }
+    x += 0xc8000fffu + ((x >> 13) & 1u);
+    return sign | (uint16_t)(x >> 13);
+}
+#define ID(x) (x)
+
+/* ---------------------------------------------------------------- the two maps (see _quant.py)
+ * m: sign + E3M4 (bias 7) magnitude in an int8; s = sqrt(f): E4M4 (bias 15) in a uint8. VMAX = 1.9375 for both.
+ */
+#define VMAX 1.9375f
+
+/* decode: the float32 bits of a normal code are (q << 19) with the exponent rebiased by (127 - bias); a
+   subnormal code (q < 16) is mant * 2^(1 - bias - 4) */
+static inline float dec_e3m4(int32_t q) {
+    float nv = bits_to_f32(((uint32_t)q << 19) + (120u << 23));
+    float sv = (float)q * 0.0009765625f; /* 2^-10 */
+    return q < 16 ? sv : nv;
+}
+static inline float dec_m(int8_t c) {
+    int32_t ci = c;
+    uint32_t sign = (uint32_t)ci & 0x80000000u;
+    float v = dec_e3m4(ci < 0 ? -ci : ci);
+    return bits_to_f32(f32_to_bits(v) | sign);
+}
+static inline float dec_s(uint8_t c) {
+    int32_t q = c;
+    float nv = bits_to_f32(((uint32_t)q << 19) + (112u << 23));
+    float sv = (float)q * 3.814697265625e-06f; /* 2^-18 */
+    return q < 16 ? sv : nv;
+}
+/* round finite u (>= 0) to the nearest code, ties to even: the float32 mantissa rounded to 4 bits and the exponent
+   rebiased (normal codes), or an exact scaling by a power of two and rint (subnormal codes) */
+static inline int32_t enc_e3m4(float u) {
+    uint32_t bits = f32_to_bits(u);
+    int32_t nq = (int32_t)((bits + 0x3ffffu + ((bits >> 19) & 1u)) >> 19) - (120 << 4);
+    int32_t sq = (int32_t)rintf(u * 1024.0f);
+    int32_t q = u < 0.015625f ? sq : nq; /* min normal 2^-6 */
+    return q > 127 ? 127 : q;
+}
+static inline int32_t enc_e4m4(float u) {
+    uint32_t bits = f32_to_bits(u);
+    int32_t nq = (int32_t)((bits + 0x3ffffu + ((bits >> 19) & 1u)) >> 19) - (112 << 4);
+    float y = u * 262144.0f, r = rintf(y);
+    int32_t sq = (int32_t)(r < y ? r + 1.0f : r); /* subnormals round up: a positive s never becomes 0 */
+    int32_t q = u < 6.103515625e-05f ? sq : nq;  /* min normal 2^-14 */
+    return q > 255 ? 255 : q;
+}
+/* the same for any u: NaN -> 0 (its block's scale is NaN or inf, so the block decodes to NaN either way) */
+static inline int32_t enc_e3m4_any(float u) { return u == u ? enc_e3m4(u) : 0; }
+static inline int32_t enc_e4m4_any(float u) { return u == u ? enc_e4m4(u) : 0; }
+static inline float nan_max(float a, float x) { return (x > a || x != x) ? x : a; }
+
+/* ---------------------------------------------------------------- per tensor scalars */
+
+typedef struct {
+    float gmul, bh, omb, eps_hat, inv_kg, inv_kw, p, b1, omb1, neg_lr, wd;
+    int p_half, want_w, finite;
+} tscal;
+
+static void scalars(tscal *s, const fadam8_hparams *hp, const double *sums, int64_t n, int64_t i, double lnumel,
+                    double bh, int phase) {
+    const double inv_scale = hp->has_grad_scale ? 1.0 / hp->grad_scale : 1.0;
+    s->gmul = (float)(hp->maximize ? -inv_scale : inv_scale);
+    s->bh = (float)bh;
+    s->omb = 1.0f - s->bh;
+    s->p = (float)hp->p;
+    s->p_half = hp->p == 0.5;
+    s->want_w = hp->weight_decay != 0.0;
+    s->b1 = (float)hp->beta1;
+    s->omb1 = (float)(1.0 - hp->beta1);
+    s->neg_lr = (float)(-hp->lr);
+    s->wd = (float)hp->weight_decay;
+    const double nd = lnumel > 1.0 ? lnumel : 1.0;
+    s->eps_hat = (float)hp->eps;
+    s->inv_kg = s->inv_kw = 1.0f;
+    s->finite = 1;
+    if (phase >= 2) {
+        const double rms_g = sqrt(sums[i] / nd);
+        s->eps_hat = (float)(rms_g > 0.0 ? (rms_g < 1.0 ? rms_g : 1.0) * hp->eps : hp->eps);
+    }
+    if (phase >= 3) {
+        /* max(1, RMS/c), keeping a NaN (a non-finite gradient makes the whole update NaN) */
+        const double rg = sqrt(sums[n + i] / nd) / hp->clip, rw = sqrt(sums[2 * n + i] / nd) / hp->clip;
+        s->inv_kg = (float)((rg > 1.0 || rg != rg) ? 1.0 / rg : 1.0);
+        s->inv_kw = (float)((rw > 1.0 || rw != rw) ? 1.0 / rw : 1.0);
+        s->finite = isfinite(sums[i]) && isfinite(rg) && isfinite(rw);
+    }
+}
+
+/* ---------------------------------------------------------------- passes, per param storage type */
+#define DEFINE_PASSES(NAME, PT, LDP, STP)                                                                          \
+    static double pass_a_##NAME(const PT *g, int64_t lo, int64_t hi, float gmul) {                                 \
+        double s = 0.0;                                                                                             \
+        _Pragma("omp simd reduction(+:s)") for (int64_t i = lo; i < hi; ++i) {                                      \
+            float v = LDP(g[i]) * gmul;                                                                             \
+            float sq = v * v;                                                                                       \
+            s += (double)sq;                                                                                        \
+        }                                                                                                           \
+        return s;                                                                                                   \
+    }                                                                                                               \
+    /* f_old for element i: decoded s squared (8-bit) or the float state */                                        \
+    static inline __attribute__((always_inline)) void pass_b_impl_##NAME(                                          \
+        const PT *th, const PT *g, const void *fstate, const float *fsc, int64_t bs, int64_t lo, int64_t hi,       \
+        const tscal *s, const int quant, const int p_half, const int want_w, double *out) {                         \
+        double a = 0.0, b = 0.0;                                                                                    \
+        const float gmul = s->gmul, bh = s->bh, omb = s->omb, eps_hat = s->eps_hat, p = s->p;                      \
+        /* per block: its scale, then the vectorized elements */                                               \
+        for (int64_t blo = lo; blo < hi; blo += bs) {                                                               \
+        const int64_t bhi = blo + bs < hi ? blo + bs : hi;                                                          \
+        const float sc = quant ? fsc[blo / bs] : 0.0f;                                                              \
+        _Pragma("omp simd reduction(+:a,b)") for (int64_t i = blo; i < bhi; ++i) {                                  \
+            float gv = LDP(g[i]) * gmul;                                                                            \
+            float fo;                                                                                               \
+            if (quant) {                                                                                            \
+                float so = dec_s(((const uint8_t *)fstate)[i]) * sc;                                      \
+                fo = so * so;                                                                                       \
+            } else {                                                                                                \
+                fo = ((const float *)fstate)[i];                                                                    \
+            }                                                                                                       \
+            float fn = fo * bh + (gv * gv) * omb;                                                                   \
+            float rd = 1.0f / ((p_half ? sqrtf(fn) : powf(fn, p)) + eps_hat);                                       \
+            float nb = gv * rd;                                                                                     \
+            float nb2 = nb * nb;                                                                                    \
+            a += (double)nb2;                                                                                       \
+            if (want_w) {                                                                                           \
+                float w = LDP(th[i]) * rd;                                                                          \
+                float w2 = w * w;                                                                                   \
+                b += (double)w2;                                                                                    \
+            }                                                                                                       \
+        }                                                                                                           \
+        }                                                                                                           \
+        out[0] = a;                                                                                                 \
+        out[1] = b;                                                                                                 \
+    }                                                                                                               \
+    static void pass_b_##NAME(const PT *th, const PT *g, const void *fstate, const float *fsc, int64_t bs,         \
+                              int64_t lo, int64_t hi, const tscal *s, double *out) {                                \
+        const int q = fsc != NULL;                                                                                  \
+        if (q && s->p_half && s->want_w) pass_b_impl_##NAME(th, g, fstate, fsc, bs, lo, hi, s, 1, 1, 1, out);       \
+        else if (q && s->p_half) pass_b_impl_##NAME(th, g, fstate, fsc, bs, lo, hi, s, 1, 1, 0, out);               \
+        else if (q) pass_b_impl_##NAME(th, g, fstate, fsc, bs, lo, hi, s, 1, 0, s->want_w, out);                    \
+        else pass_b_impl_##NAME(th, g, fstate, fsc, bs, lo, hi, s, 0, s->p_half, s->want_w, out);                   \
+    }                                                                                                               \
+    /* the update of one quantization block [blo, bhi) of an 8-bit tensor */                                        \
+    static inline __attribute__((always_inline)) void pass_c_block_##NAME(                                         \
+        PT *th, const PT *g, int8_t *mc, uint8_t *fc, float *msc, float *fsc, int64_t blk, int64_t blo,            \
+        int64_t bhi, const tscal *s, const int p_half, const int want_w, float *mbuf, float *sbuf) {               \
+        const float gmul = s->gmul, bh = s->bh, omb = s->omb, eps_hat = s->eps_hat, p = s->p;                      \
+        const float inv_kg = s->inv_kg, inv_kw = s->inv_kw, b1 = s->b1, omb1 = s->omb1;                            \
+        const float neg_lr = s->neg_lr, wd = s->wd;                                                                 \
+        const float ms_old = msc[blk], fs_old = fsc[blk];                                                           \
+        const int64_t len = bhi - blo;                                                                              \
+        float amax_m = 0.0f, amax_s = 0.0f;                                                                         \
+        _Pragma("omp simd reduction(max:amax_m,amax_s)") for (int64_t j = 0; j < len; ++j) {                        \
+            const int64_t i = blo + j;                                                                              \
+            float gv = LDP(g[i]) * gmul;                                                                            \
+            float so = dec_s(fc[i]) * fs_old;                                                                       \
+            float fo = so * so;                                                                                     \
+            float fn = fo * bh + (gv * gv) * omb;                                                                   \
+            float sn = sqrtf(fn);                                                                                   \
+            float rd = 1.0f / ((p_half ? sn : powf(fn, p)) + eps_hat);                                              \
+            float t = LDP(th[i]);                                                                                   \
+            float nb = (gv * rd) * inv_kg;                                                                          \
+            float mo = dec_m(mc[i]) * ms_old;                                                                       \
+            float mn = mo * b1 + nb * omb1;                                                                         \
+            float upd = mn;                                                                                         \
+            if (want_w) upd = mn + wd * ((t * rd) * inv_kw);                                                        \
+            th[i] = STP(t + upd * neg_lr);                                                                          \
+            mbuf[j] = mn;                                                                                           \
+            sbuf[j] = sn;                                                                                           \
+            float am = fabsf(mn);                                                                                   \
+            amax_m = am > amax_m ? am : amax_m;                                                                     \
+            amax_s = sn > amax_s ? sn : amax_s;                                                                     \
+        }                                                                                                           \
+        /* A NaN in m or s implies a non-finite per-tensor sum (see the header), so a block is checked for NaN     \
+           only when s->finite is 0, or when its maxima overflowed */                                                \
+        if (!s->finite || !(amax_m <= 3.4e38f && amax_s <= 3.4e38f)) {                                              \
+            amax_m = amax_s = 0.0f;                                                                                 \
+            for (int64_t j = 0; j < len; ++j) {                                                                     \
+                amax_m = nan_max(amax_m, fabsf(mbuf[j]));                                                           \
+                amax_s = nan_max(amax_s, sbuf[j]);                                                                  \
+            }                                                                                                       \
+            const float im = amax_m > 0.0f ? VMAX / amax_m : 0.0f, is = amax_s > 0.0f ? VMAX / amax_s : 0.0f;       \
+            for (int64_t j = 0; j < len; ++j) {                                                                     \
+                int32_t q = enc_e3m4_any(fabsf(mbuf[j]) * im);                                                      \
+                mc[blo + j] = (int8_t)(mbuf[j] < 0.0f ? -q : q);                                                    \
+                fc[blo + j] = (uint8_t)enc_e4m4_any(sbuf[j] * is);                                                  \
+            }                                                                                                       \
+        } else {                                                                                                    \
+            const float inv_m = amax_m > 0.0f ? VMAX / amax_m : 0.0f;                                               \
+            const float inv_s = amax_s > 0.0f ? VMAX / amax_s : 0.0f;                                               \
+            _Pragma("omp simd") for (int64_t j = 0; j < len; ++j) {                                                 \
+                float mv = mbuf[j];                                                                                 \
+                int32_t q = enc_e3m4(fabsf(mv) * inv_m);                                                            \
+                mc[blo + j] = (int8_t)(mv < 0.0f ? -q : q);                                                         \
+                fc[blo + j] = (uint8_t)enc_e4m4(sbuf[j] * inv_s);                                                   \
+            }                                                                                                       \
+        }                                                                                                           \
+        msc[blk] = amax_m / VMAX;                                                                                   \
+        fsc[blk] = amax_s / VMAX;                                                                                   \
+    }                                                                                                               \
+    static void pass_c_q_##NAME(PT *th, const PT *g, int8_t *mc, uint8_t *fc, float *msc, float *fsc, int64_t bs,  \
+                                int64_t lo, int64_t hi, const tscal *s) {                                           \
+        float mbuf[MAX_BLOCK], sbuf[MAX_BLOCK];                                                                     \
+        for (int64_t blo = lo; blo < hi; blo += bs) {                                                               \
+            const int64_t bhi = blo + bs < hi ? blo + bs : hi;                                                      \
+            if (s->p_half && s->want_w)                                                                             \
+                pass_c_block_##NAME(th, g, mc, fc, msc, fsc, blo / bs, blo, bhi, s, 1, 1, mbuf, sbuf);              \
+            else if (s->p_half)                                                                                     \
+                pass_c_block_##NAME(th, g, mc, fc, msc, fsc, blo / bs, blo, bhi, s, 1, 0, mbuf, sbuf);              \
+            else                                                                                                    \
+                pass_c_block_##NAME(th, g, mc, fc, msc, fsc, blo / bs, blo, bhi, s, 0, s->want_w, mbuf, sbuf);      \
+        }                                                                                                           \
+    }                                                                                                               \
+    /* fp32-state tensors (small ones): FAdam's update on float m and f */                                          \
+    static void pass_c_f_##NAME(PT *th, const PT *g, float *m, float *f, int64_t lo, int64_t hi, const tscal *s) { \
+        for (int64_t i = lo; i < hi; ++i) {                                                                         \
+            float gv = LDP(g[i]) * s->gmul;                                                                         \
+            float fn = f[i] * s->bh + (gv * gv) * s->omb;                                                           \
+            float rd = 1.0f / ((s->p_half ? sqrtf(fn) : powf(fn, s->p)) + s->eps_hat);                              \
+            float t = LDP(th[i]);                                                                                   \
+            float nb = (gv * rd) * s->inv_kg;                                                                       \
+            float mn = m[i] * s->b1 + nb * s->omb1;                                                                 \
+            float upd = mn;                                                                                         \
+            if (s->want_w) upd = mn + s->wd * ((t * rd) * s->inv_kw);                                               \
+            f[i] = fn;                                                                                              \
+            m[i] = mn;                                                                                              \
+            th[i] = STP(t + upd * s->neg_lr);                                                                       \
+        }                                                                                                           \
+    }                                                                                                               \
+                                                                                                                    \
+    static void run_chunk_##NAME(int phase, int64_t c, const int64_t *ctid, const int64_t *cstart, int64_t cs,     \
+                                 void *const *params, void *const *grads, void *const *ms, void *const *fs,         \
+                                 float *const *msc, float *const *fsc, const int64_t *numels,                       \
+                                 const double *lnumels, const double *bhat, const double *sums, int64_t n,          \
+                                 const fadam8_hparams *hp, double *part) {                                          \
+        const int64_t i = ctid[c], lo = cstart[c];                                                                  \
+        const int64_t hi = lo + cs < numels[i] ? lo + cs : numels[i];                                               \
+        tscal s;                                                                                                    \
+        scalars(&s, hp, sums, n, i, lnumels[i], bhat[i], phase);                                                    \
+        PT *th = (PT *)params[i];                                                                                   \
+        const PT *g = (const PT *)grads[i];                                                                         \
+        if (phase == 1) {                                                                                           \
+            part[2 * c] = pass_a_##NAME(g, lo, hi, s.gmul);                                                         \
+        } else if (phase == 2) {                                                                                    \
+            pass_b_##NAME(th, g, fs[i], fsc[i], hp->block_size, lo, hi, &s, part + 2 * c);                          \
+        } else if (fsc[i] != NULL) {                                                                                \
+            pass_c_q_##NAME(th, g, (int8_t *)ms[i], (uint8_t *)fs[i], msc[i], fsc[i], hp->block_size, lo, hi, &s);  \
+        } else {                                                                                                    \
+            pass_c_f_##NAME(th, g, (float *)ms[i], (float *)fs[i], lo, hi, &s);                                     \
+        }                                                                                                           \
+    }                                                                                                               \
+                                                                                                                    \
+    int hf_fadam8_step_##NAME(int64_t n, void *const *params, void *const *grads, void *const *ms,                 \
+                              void *const *fs, float *const *msc, float *const *fsc, const int64_t *numels,        \
+                              const double *lnumels, const double *bhat, double *sums, const fadam8_hparams *hp,   \
+                              int phase, int nthreads) {                                                            \
+        const int64_t bs = hp->block_size;                                                                          \
+        if (bs < 1 || bs > MAX_BLOCK) return -1;                                                                    \
+        const int64_t cs = (CHUNK_TARGET + bs - 1) / bs * bs;                                                       \
+        int64_t nchunks = 0, total = 0;                                                                             \
+        for (int64_t i = 0; i < n; ++i) {                                                                           \
+            nchunks += (numels[i] + cs - 1) / cs;                                                                   \
+            total += numels[i];                                                                                     \
+        }                                                                                                           \
+        int64_t *ctid = (int64_t *)malloc(sizeof(int64_t) * (size_t)(2 * nchunks + 1));                             \
+        double *part = (double *)malloc(sizeof(double) * (size_t)(2 * nchunks + 2));                                \
+        if (ctid == NULL || part == NULL) {                                                                         \
+            free(ctid);                                                                                             \
+            free(part);                                                                                             \
+            return -2;                                                                                              \
+        }                                                                                                           \
+        int64_t *cstart = ctid + nchunks;                                                                           \
+        for (int64_t i = 0, c = 0; i < n; ++i)                                                                      \
+            for (int64_t lo = 0; lo < numels[i]; lo += cs, ++c) {                                                   \
+                ctid[c] = i;                                                                                        \
+                cstart[c] = lo;                                                                                     \
+            }                                                                                                       \
+        if (nthreads < 1) nthreads = 1;                                                                             \
+        if (total < 2 * CHUNK_TARGET || nchunks < 2) nthreads = 1;                                                  \
+        const int first = phase == 0 ? 1 : phase, last = phase == 0 ? 3 : phase;                                   \
+        _Pragma("omp parallel num_threads(nthreads)") {                                                             \
+            for (int ph = first; ph <= last; ++ph) {                                                                \
+                _Pragma("omp for schedule(dynamic, 1)") for (int64_t c = 0; c < nchunks; ++c)                       \
+                    run_chunk_##NAME(ph, c, ctid, cstart, cs, params, grads, ms, fs, msc, fsc, numels, lnumels,    \
+                                     bhat, sums, n, hp, part);                                                      \
+                if (ph < 3) {                                                                                       \
+                    /* combine the chunk partials in chunk order (deterministic); implicit barrier after */         \
+                    _Pragma("omp single") {                                                                         \
+                        for (int64_t i = 0; i < n; ++i) {                                                           \
+                            if (ph == 1) sums[i] = 0.0;                                                             \
+                            else sums[n + i] = sums[2 * n + i] = 0.0;                                               \
+                        }                                                                                           \
+                        for (int64_t c = 0; c < nchunks; ++c) {                                                     \
+                            if (ph == 1) sums[ctid[c]] += part[2 * c];                                              \
+                            else {                                                                                  \
+                                sums[n + ctid[c]] += part[2 * c];                                                   \
+                                sums[2 * n + ctid[c]] += part[2 * c + 1];                                           \
+                            }                                                                                       \
+                        }                                                                                           \
+                    }                                                                                               \
+                }                                                                                                   \
+            }                                                                                                       \
+        }                                                                                                           \
+        free(ctid);                                                                                                 \
+        free(part);                                                                                                 \
+        return 0;                                                                                                   \
+    }
+
+DEFINE_PASSES(f32, float, ID, ID)
+DEFINE_PASSES(bf16, uint16_t, bf16_load, bf16_store)
+DEFINE_PASSES(f16, uint16_t, f16_load, f16_store)
+
+/* test hooks: the maps, element by element */
+void hf_fadam8_encode(const float *u, int32_t *q, int64_t n, int signed_map) {
+    for (int64_t i = 0; i < n; ++i) q[i] = signed_map ? enc_e3m4(u[i]) : enc_e4m4(u[i]);
+}
+void hf_fadam8_decode(const int32_t *q, float *v, int64_t n, int signed_map) {
+    for (int64_t i = 0; i < n; ++i) v[i] = signed_map ? dec_e3m4(q[i]) : dec_s((uint8_t)q[i]);
+}

@@ -1,0 +1,229 @@
+"""The fused CPU path of ``FAdam8bit``: the C kernel of ``_fadam8bit_cpu.c``, built at first use, loaded with ctypes.
+
+The kernel runs FAdam's three passes over 8-bit state (see the C file's header): A sums g², B sums (g/D)² and
+(θ/D)² with f decoded and f_new recomputed in registers, C updates θ and writes new codes and per-block scales.
+Traffic for fp32 params: A reads g (4 B), B reads g, θ and the f code (9 B), C reads g, θ and both codes and writes
+θ and both codes (16 B): 29 B/param plus 16 B per block of scales, against 44 B for FAdam's fp32-state kernel.
+
+The build (compiler, flags, private cache) is :mod:`hf_fadam.kernels._cpu_build`'s, as for the fp32 kernel. With a
+``reduce`` hook the three phases run as three calls with the hook in between; without, in one call.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import threading
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from .._math import fisher_beta
+
+
+__all__ = ["fadam8bit_cpu_", "is_available", "is_supported", "unavailable_reason"]
+
+_SOURCE = Path(__file__).with_name("_fadam8bit_cpu.c")
+_ABI = 1
+_KERNELS = {torch.float32: "f32", torch.bfloat16: "bf16", torch.float16: "f16"}
+MAX_BLOCK = 4096
+
+
+class _HParams(ctypes.Structure):
+    _fields_ = [  # noqa: RUF012 (ctypes needs a plain list)
+        ("lr", ctypes.c_double),
+        ("beta1", ctypes.c_double),
+        ("eps", ctypes.c_double),
+        ("weight_decay", ctypes.c_double),
+        ("clip", ctypes.c_double),
+        ("p", ctypes.c_double),
+        ("grad_scale", ctypes.c_double),
+        ("block_size", ctypes.c_int64),
+        ("maximize", ctypes.c_int),
+        ("has_grad_scale", ctypes.c_int),
+    ]
+
+
+_lock = threading.Lock()
+_lib: ctypes.CDLL | None = None
+_error: str | None = None
+
+
+def _loader(path: Path) -> ctypes.CDLL:
+    lib = ctypes.CDLL(str(path))
+    if lib.hf_fadam8_abi_version() != _ABI:
+        raise RuntimeError(f"{path} has ABI {lib.hf_fadam8_abi_version()}, expected {_ABI}")
+    vp = ctypes.POINTER(ctypes.c_void_p)
+    dp = ctypes.POINTER(ctypes.c_double)
+    for suffix in _KERNELS.values():
+        fn = getattr(lib, f"hf_fadam8_step_{suffix}")
+        fn.argtypes = [
+            ctypes.c_int64, vp, vp, vp, vp, vp, vp, ctypes.POINTER(ctypes.c_int64), dp, dp, dp,
+            ctypes.POINTER(_HParams), ctypes.c_int, ctypes.c_int,
+        ]  # fmt: skip
+        fn.restype = ctypes.c_int
+    for name in ("hf_fadam8_encode", "hf_fadam8_decode"):
+        getattr(lib, name).restype = None
+    return lib
+
+
+def _get_lib() -> ctypes.CDLL:
+    global _lib, _error
+    if _lib is not None:
+        return _lib
+    with _lock:
+        if _lib is not None:
+            return _lib
+        if _error is not None:
+            raise RuntimeError(_error)
+        from . import _cpu_build
+
+        try:
+            _lib, _ = _cpu_build.load(_SOURCE, _loader)
+        except RuntimeError as exc:
+            _error = str(exc)
+            raise
+        return _lib
+
+
+def is_available() -> bool:
+    """True when the 8-bit CPU kernel is built (or can be built now) and loads; never raises."""
+    try:
+        _get_lib()
+    except RuntimeError:
+        return False
+    return True
+
+
+def unavailable_reason() -> str | None:
+    """Why :func:`is_available` is False, else None."""
+    return None if is_available() else _error
+
+
+def is_supported(param_dtype: torch.dtype) -> bool:
+    """Whether the kernel steps params of this dtype (fp32, bf16, fp16; the math is fp32)."""
+    return param_dtype in _KERNELS
+
+
+def encode(u: Tensor, signed: bool) -> Tensor:
+    """The kernel's encoder on float32 values (test hook): int32 codes of the m map (signed) or the f map."""
+    lib = _get_lib()
+    u = u.to(torch.float32).contiguous()
+    q = torch.empty(u.shape, dtype=torch.int32)
+    lib.hf_fadam8_encode(ctypes.c_void_p(u.data_ptr()), ctypes.c_void_p(q.data_ptr()), ctypes.c_int64(u.numel()),
+                         ctypes.c_int(int(signed)))  # fmt: skip
+    return q
+
+
+def decode(q: Tensor, signed: bool) -> Tensor:
+    """The kernel's decoder on int32 codes (magnitudes for the m map) (test hook)."""
+    lib = _get_lib()
+    q = q.to(torch.int32).contiguous()
+    v = torch.empty(q.shape, dtype=torch.float32)
+    lib.hf_fadam8_decode(ctypes.c_void_p(q.data_ptr()), ctypes.c_void_p(v.data_ptr()), ctypes.c_int64(q.numel()),
+                         ctypes.c_int(int(signed)))  # fmt: skip
+    return v
+
+
+def _ptrs(ts: Sequence[Tensor | None]):
+    return (ctypes.c_void_p * len(ts))(*[None if t is None else t.data_ptr() for t in ts])
+
+
+@torch.no_grad()
+def fadam8bit_cpu_(
+    params: list[Tensor],
+    grads: list[Tensor],
+    exp_avgs: list[Tensor],
+    fishers: list[Tensor],
+    exp_avg_scales: list[Tensor | None],
+    fisher_scales: list[Tensor | None],
+    steps: list[Tensor],
+    *,
+    block_size: int,
+    lr: float,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+    clip: float,
+    p: float,
+    maximize: bool,
+    grad_scale: Tensor | None = None,
+    found_inf: Tensor | None = None,
+    numels: Sequence[int] | None = None,
+    reduce: Callable[[Tensor], object] | None = None,
+) -> None:
+    """One FAdam8bit step for CPU tensors of one param dtype, in place; ``steps`` are already incremented.
+
+    Tensor ``i`` has 8-bit state when ``fisher_scales[i]`` is not None: ``exp_avgs[i]`` int8 codes,
+    ``fishers[i]`` uint8 codes of sqrt(f), the scales float32 ``(num_blocks,)``; otherwise float32 ``exp_avg`` and
+    ``fisher``. ``numels``/``reduce``: the reduction-hook contract (``reduce`` is called twice, with float64
+    ``(1, n)`` then ``(2, n)`` sums). ``found_inf != 0`` leaves everything unchanged.
+    """
+    n = len(params)
+    if not (len(grads) == len(exp_avgs) == len(fishers) == len(exp_avg_scales) == len(fisher_scales) == n):
+        raise ValueError("fadam8bit_cpu_: the tensor lists must have equal lengths")
+    if n == 0:
+        return
+    if found_inf is not None and float(found_inf) != 0.0:
+        return
+    if not 1 <= block_size <= MAX_BLOCK:
+        raise ValueError(f"fadam8bit_cpu_: block_size must be in [1, {MAX_BLOCK}]; got {block_size}")
+    pdt = params[0].dtype
+    if pdt not in _KERNELS:
+        raise TypeError(f"fadam8bit_cpu_: param dtype {pdt} is not supported (float32, bfloat16, float16)")
+    for i, (prm, grd, m, f, ms, fs) in enumerate(zip(params, grads, exp_avgs, fishers, exp_avg_scales, fisher_scales)):
+        if prm.dtype != pdt or grd.dtype != pdt or not prm.is_cpu:
+            raise TypeError(f"fadam8bit_cpu_: params[{i}]/grads[{i}] must be CPU {pdt}; got {prm.dtype}/{grd.dtype}")
+        quant = fs is not None
+        want = (torch.int8, torch.uint8) if quant else (torch.float32, torch.float32)
+        if (m.dtype, f.dtype) != want or (quant and (ms is None or ms.dtype != torch.float32)):
+            raise TypeError(f"fadam8bit_cpu_: state dtypes at index {i}: exp_avg {m.dtype}, fisher {f.dtype}")
+    lib = _get_lib()
+    lists = [params, grads, exp_avgs, fishers]
+    work = [list(lst) for lst in lists]
+    copies: list[tuple[Tensor, Tensor]] = []
+    for i in range(n):
+        for k, lst in enumerate(work):
+            t = lst[i]
+            if not t.is_contiguous():
+                c = t.contiguous()
+                if k != 1:
+                    copies.append((t, c))
+                lst[i] = c
+    local = [t.numel() for t in params]
+    logical = local if numels is None else list(numels)
+    beta_hat = fisher_beta(beta2, torch.stack(steps)).to("cpu", torch.float64).contiguous()
+    sums = torch.zeros((3, n), dtype=torch.float64)
+    hp = _HParams(
+        lr=float(lr), beta1=beta1, eps=eps, weight_decay=weight_decay, clip=clip, p=p,
+        grad_scale=float(grad_scale) if grad_scale is not None else 1.0, block_size=block_size,
+        maximize=int(bool(maximize)), has_grad_scale=int(grad_scale is not None),
+    )  # fmt: skip
+    lnum = torch.tensor([float(x) for x in logical], dtype=torch.float64)
+    args = [
+        n, *(_ptrs(lst) for lst in work), _ptrs(exp_avg_scales), _ptrs(fisher_scales),
+        (ctypes.c_int64 * n)(*local),
+        ctypes.cast(lnum.data_ptr(), ctypes.POINTER(ctypes.c_double)),
+        ctypes.cast(beta_hat.data_ptr(), ctypes.POINTER(ctypes.c_double)),
+        ctypes.cast(sums.data_ptr(), ctypes.POINTER(ctypes.c_double)),
+        ctypes.byref(hp),
+    ]  # fmt: skip
+    fn = getattr(lib, f"hf_fadam8_step_{_KERNELS[pdt]}")
+    threads = torch.get_num_threads()
+    if reduce is None:
+        _check(fn(*args, 0, threads))
+    else:
+        _check(fn(*args, 1, threads))
+        reduce(sums[0:1])
+        _check(fn(*args, 2, threads))
+        reduce(sums[1:3])
+        _check(fn(*args, 3, threads))
+    for orig, copy in copies:
+        orig.copy_(copy)
+
+
+def _check(rc: int) -> None:
+    if rc != 0:
+        raise RuntimeError(f"fadam8bit_cpu_: the kernel failed (code {rc}: -1 bad block_size, -2 out of memory)")

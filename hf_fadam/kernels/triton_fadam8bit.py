@@ -1,0 +1,294 @@
+r"""Triton kernels for one FAdam8bit step (``FAdam8bit(fused=True)`` on CUDA; tested under ``TRITON_INTERPRET=1``).
+
+One program per quantization block (``BLOCK = block_size`` elements) of every tensor of the call, and one kernel
+launched three times (``PHASE`` 0, 1, 2) with the reduce hook in between:
+
+0. ``sums[0, t] += Σ g²`` over the block (``tl.atomic_add`` in float64).
+1. f decoded (s = code·scale, f = s²), ``f_new = β̂2·f + (1−β̂2)·g²`` and ``D = f_new^p + ε̂`` in registers;
+   ``sums[1, t] += Σ (g/D)²`` and ``sums[2, t] += Σ (θ/D)²``.
+2. ``m_new``, ``s_new = sqrt(f_new)`` and θ in registers; the block's absmax of m_new and max of s_new (NaN kept);
+   codes and the two scales written (``hf_fadam._quant``'s maps: the same bit operations as the torch reference and
+   the C kernel). Tensors with fp32 state (no scales) store m and f directly.
+
+Params fp32, bf16 or fp16; the math is fp32 (sums and per-tensor scalars in float64). The host side builds two small
+int64 tables per call (chunk → tensor/offset; the addresses of param, grad, m, f and the two scales); the float
+atomics make the sums' last bits vary from run to run, as in :mod:`hf_fadam.kernels.triton_fadam`.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Sequence
+
+import torch
+from torch import Tensor
+
+from .._math import fisher_beta
+
+
+__all__ = ["fadam8bit_triton_", "is_available"]
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover
+    triton = None
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "on", "yes")
+
+
+def is_available() -> bool:
+    """Whether :func:`fadam8bit_triton_` can run here: triton importable, and CUDA present or TRITON_INTERPRET=1."""
+    return triton is not None and (_interpreting() or torch.cuda.is_available())
+
+
+if triton is not None:
+
+    @triton.jit
+    def _rne_int(y):
+        # round half to even for 0 <= y < 2**22, as rintf / torch.round do (no libdevice in the interpreter)
+        return ((y + 12582912.0) - 12582912.0).to(tl.int32)
+
+    @triton.jit
+    def _encode(u, MAN_SHIFT_BIAS: tl.constexpr, SUB_MUL: tl.constexpr, MIN_NORMAL: tl.constexpr,
+                QMAX: tl.constexpr, CEIL_SUB: tl.constexpr):  # fmt: skip
+        # _quant.MiniFloat.encode: the float32 mantissa rounded to 4 bits (nearest even), exponent rebiased; an
+        # exact power-of-two scaling and rint below the smallest normal; NaN -> 0.
+        bits = u.to(tl.uint32, bitcast=True)
+        nq = ((bits + 0x3FFFF + ((bits >> 19) & 1)) >> 19).to(tl.int32) - MAN_SHIFT_BIAS
+        y = u * SUB_MUL
+        sq = _rne_int(y)
+        if CEIL_SUB:  # the f map: subnormals round up, a positive s never becomes 0
+            sq = tl.where(sq.to(tl.float32) < y, sq + 1, sq)
+        q = tl.where(u < MIN_NORMAL, sq, nq)
+        q = tl.minimum(tl.maximum(q, 0), QMAX)
+        return tl.where(u == u, q, 0)
+
+    @triton.jit
+    def _decode(q, EXP_ADD: tl.constexpr, SUB_STEP: tl.constexpr):
+        nv = ((q.to(tl.uint32) << 19) + (EXP_ADD << 23)).to(tl.float32, bitcast=True)
+        return tl.where(q < 16, q.to(tl.float32) * SUB_STEP, nv)
+
+    @triton.jit
+    def _bf16_rne(x):
+        bits = x.to(tl.float32).to(tl.uint32, bitcast=True)
+        rounded = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
+        rounded = tl.where(x != x, 0x7FC0, rounded)
+        return rounded.to(tl.uint16).to(tl.bfloat16, bitcast=True)
+
+    @triton.jit
+    def _store_param(ptr, value, mask, P_DT: tl.constexpr, INTERPRET: tl.constexpr):
+        if INTERPRET and P_DT == tl.bfloat16:
+            tl.store(ptr, _bf16_rne(value), mask=mask)
+        else:
+            tl.store(ptr, value.to(P_DT), mask=mask)
+
+    @triton.jit
+    def _nan_max(x, mask):
+        # max over the block that keeps a NaN (tl.max would drop it)
+        has_nan = tl.sum(tl.where(mask & (x != x), 1, 0), axis=0) > 0
+        m = tl.max(tl.where(mask, x, 0.0), axis=0)
+        return tl.where(has_nan, float("nan"), m)
+
+    @triton.jit
+    def _fadam8bit_pass(
+        meta_ptr, addr_ptr, lnum_ptr, sums_ptr, bh_ptr, scale_ptr, found_ptr, n_tensors, n_chunks,
+        lr, beta1, eps, weight_decay, clip, p,
+        PHASE: tl.constexpr, P_DT: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_FOUND: tl.constexpr,
+        HAS_WD: tl.constexpr, MAXIMIZE: tl.constexpr, P_HALF: tl.constexpr, INTERPRET: tl.constexpr,
+        BLOCK: tl.constexpr,
+    ):  # fmt: skip
+        pid = tl.program_id(0)
+        t = tl.load(meta_ptr + n_tensors + pid)
+        start = tl.load(meta_ptr + n_tensors + n_chunks + pid)
+        numel = tl.load(meta_ptr + t)
+        offs = start + tl.arange(0, BLOCK)
+        found = False
+        if HAS_FOUND:
+            found = tl.load(found_ptr) != 0
+            numel = tl.where(found, 0, numel)  # an inf/NaN step: nothing is read or written
+        mask = offs < numel
+        gmul = 1.0
+        if HAS_SCALE:
+            gmul = 1.0 / tl.load(scale_ptr).to(tl.float32)
+        if MAXIMIZE:
+            gmul = -gmul
+        g_ptr = tl.load(addr_ptr + n_tensors + t).to(tl.pointer_type(P_DT))
+        g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32) * gmul
+        if PHASE == 0:
+            tl.atomic_add(sums_ptr + t, tl.sum(g * g, axis=0).to(tl.float64))
+        else:
+            lnum = tl.maximum(tl.load(lnum_ptr + t), 1.0)
+            rms_g = tl.sqrt(tl.load(sums_ptr + t) / lnum)
+            eps_hat = tl.where(rms_g > 0, tl.minimum(rms_g, 1.0) * eps, eps).to(tl.float32)
+            bh = tl.load(bh_ptr + t).to(tl.float32)
+            omb = 1.0 - bh
+            p_ptr = tl.load(addr_ptr + t).to(tl.pointer_type(P_DT))
+            theta = tl.load(p_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+            fsc_addr = tl.load(addr_ptr + 5 * n_tensors + t)
+            blk = start // BLOCK
+            quant = fsc_addr != 0
+            if quant:
+                fc_ptr = tl.load(addr_ptr + 3 * n_tensors + t).to(tl.pointer_type(tl.uint8))
+                fs_old = tl.load(fsc_addr.to(tl.pointer_type(tl.float32)) + blk)
+                so = _decode(tl.load(fc_ptr + offs, mask=mask, other=0).to(tl.int32), 112, 3.814697265625e-06)
+                fo = (so * fs_old) * (so * fs_old)
+            else:
+                ff_ptr = tl.load(addr_ptr + 3 * n_tensors + t).to(tl.pointer_type(tl.float32))
+                fo = tl.load(ff_ptr + offs, mask=mask, other=0.0)
+            fn = fo * bh + (g * g) * omb
+            sn = tl.sqrt_rn(fn)
+            if P_HALF:
+                denom = sn + eps_hat
+            else:
+                safe = tl.where(fn > 0, fn, 1.0)
+                denom = tl.where(fn > 0, tl.exp2(p * tl.log2(safe)), 0.0) + eps_hat
+            denom = tl.where(mask, denom, 1.0)
+            nb = tl.div_rn(g, denom)
+            w = tl.div_rn(theta, denom)
+            if PHASE == 1:
+                tl.atomic_add(sums_ptr + n_tensors + t, tl.sum(tl.where(mask, nb * nb, 0.0), axis=0).to(tl.float64))
+                if HAS_WD:
+                    tl.atomic_add(
+                        sums_ptr + 2 * n_tensors + t, tl.sum(tl.where(mask, w * w, 0.0), axis=0).to(tl.float64)
+                    )
+            else:
+                rg = tl.sqrt(tl.load(sums_ptr + n_tensors + t) / lnum) / clip
+                kg = tl.where((rg > 1.0) | (rg != rg), rg, 1.0).to(tl.float32)
+                mnew_nb = tl.div_rn(nb, kg)
+                upd_w = 0.0
+                if HAS_WD:
+                    rw = tl.sqrt(tl.load(sums_ptr + 2 * n_tensors + t) / lnum) / clip
+                    kw = tl.where((rw > 1.0) | (rw != rw), rw, 1.0).to(tl.float32)
+                    upd_w = weight_decay * tl.div_rn(w, kw)
+                if quant:
+                    mc_ptr = tl.load(addr_ptr + 2 * n_tensors + t).to(tl.pointer_type(tl.int8))
+                    msc_ptr = tl.load(addr_ptr + 4 * n_tensors + t).to(tl.pointer_type(tl.float32))
+                    fsc_ptr = fsc_addr.to(tl.pointer_type(tl.float32))
+                    ms_old = tl.load(msc_ptr + blk)
+                    c = tl.load(mc_ptr + offs, mask=mask, other=0).to(tl.int32)
+                    mo = _decode(tl.abs(c), 120, 0.0009765625) * ms_old
+                    mo = tl.where(c < 0, -mo, mo)
+                    mn = mo * beta1 + mnew_nb * (1.0 - beta1)
+                    amax_m = _nan_max(tl.abs(mn), mask)
+                    amax_s = _nan_max(sn, mask)
+                    inv_m = tl.where(amax_m > 0, tl.div_rn(1.9375, tl.where(amax_m > 0, amax_m, 1.0)), 0.0)
+                    inv_s = tl.where(amax_s > 0, tl.div_rn(1.9375, tl.where(amax_s > 0, amax_s, 1.0)), 0.0)
+                    qm = _encode(tl.abs(mn) * inv_m, 120 << 4, 1024.0, 0.015625, 127, False)
+                    tl.store(mc_ptr + offs, tl.where(mn < 0, -qm, qm).to(tl.int8), mask=mask)
+                    qs = _encode(sn * inv_s, 112 << 4, 262144.0, 6.103515625e-05, 255, True)
+                    tl.store(fc_ptr + offs, qs.to(tl.uint8), mask=mask)
+                    # (on a skipped step the old scales are written back unchanged)
+                    tl.store(msc_ptr + blk, tl.where(found, ms_old, tl.div_rn(amax_m, 1.9375)))
+                    tl.store(fsc_ptr + blk, tl.where(found, fs_old, tl.div_rn(amax_s, 1.9375)))
+                else:
+                    mf_ptr = tl.load(addr_ptr + 2 * n_tensors + t).to(tl.pointer_type(tl.float32))
+                    mo = tl.load(mf_ptr + offs, mask=mask, other=0.0)
+                    mn = mo * beta1 + mnew_nb * (1.0 - beta1)
+                    tl.store(mf_ptr + offs, mn, mask=mask)
+                    tl.store(ff_ptr + offs, fn, mask=mask)
+                _store_param(p_ptr + offs, theta - lr * (mn + upd_w), mask, P_DT, INTERPRET)
+
+
+_DTYPES = {}
+if triton is not None:
+    _DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
+
+
+def _to_device(host: Tensor, device: torch.device) -> Tensor:
+    return host if device.type == "cpu" else host.pin_memory().to(device, non_blocking=True)
+
+
+@torch.no_grad()
+def fadam8bit_triton_(
+    params: list[Tensor],
+    grads: list[Tensor],
+    exp_avgs: list[Tensor],
+    fishers: list[Tensor],
+    exp_avg_scales: list[Tensor | None],
+    fisher_scales: list[Tensor | None],
+    steps: list[Tensor],
+    *,
+    block_size: int,
+    lr: float,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+    clip: float,
+    p: float,
+    maximize: bool,
+    grad_scale: Tensor | None = None,
+    found_inf: Tensor | None = None,
+    numels: Sequence[int] | None = None,
+    reduce: Callable[[Tensor], object] | None = None,
+) -> None:
+    """One FAdam8bit step over tensors of one device and param dtype (the contract of ``fadam8bit_cpu_``)."""
+    if triton is None:
+        raise RuntimeError("fadam8bit_triton_ needs triton (pip install 'hf-fadam[triton]')")
+    n = len(params)
+    if n == 0:
+        return
+    if block_size & (block_size - 1) or not 32 <= block_size <= 4096:
+        raise ValueError(f"fadam8bit_triton_: block_size must be a power of two in [32, 4096]; got {block_size}")
+    device = params[0].device
+    pdt = params[0].dtype
+    if pdt not in _DTYPES:
+        raise TypeError(f"fadam8bit_triton_: param dtype {pdt} is not supported (float32, bfloat16, float16)")
+    interpreting = _interpreting()
+    if interpreting != (device.type == "cpu"):
+        raise RuntimeError(
+            f"fadam8bit_triton_: tensors on {device} need "
+            + ("TRITON_INTERPRET unset (compiled kernels)" if interpreting else "TRITON_INTERPRET=1")
+        )
+    work = [list(lst) for lst in (params, grads, exp_avgs, fishers)]
+    copies = []
+    for i in range(n):
+        if params[i].dtype != pdt or grads[i].dtype != pdt:
+            raise TypeError(f"fadam8bit_triton_: params[{i}]/grads[{i}] must all be {pdt}")
+        for k, lst in enumerate(work):
+            if not lst[i].is_contiguous():
+                c = lst[i].contiguous()
+                if k != 1:
+                    copies.append((lst[i], c))
+                lst[i] = c
+    local = [t.numel() for t in params]
+    logical = local if numels is None else list(numels)
+    counts = [(x + block_size - 1) // block_size for x in local]
+    tidx = [i for i, c in enumerate(counts) for _ in range(c)]
+    starts = [j * block_size for c in counts for j in range(c)]
+    n_chunks = len(tidx)
+    if n_chunks == 0:
+        torch._foreach_add_(steps, 0)
+        return
+    meta = _to_device(torch.tensor(local + tidx + starts, dtype=torch.int64), device)
+
+    def ptr(t):
+        return 0 if t is None else t.data_ptr()
+
+    addrs = [ptr(t) for lst in (*work, exp_avg_scales, fisher_scales) for t in lst]
+    addr = _to_device(torch.tensor(addrs, dtype=torch.int64), device)
+    lnum = _to_device(torch.tensor([float(x) for x in logical], dtype=torch.float64), device)
+    beta_hat = fisher_beta(beta2, torch.stack(steps)).to(device)
+    sums = torch.zeros((3, n), dtype=torch.float64, device=device)
+    scale_arg = grad_scale if grad_scale is not None else sums
+    found_arg = found_inf if found_inf is not None else sums
+    args = (meta, addr, lnum, sums, beta_hat, scale_arg, found_arg, n, n_chunks,
+            float(lr), float(beta1), float(eps), float(weight_decay), float(clip), float(p))  # fmt: skip
+    consts = dict(
+        P_DT=_DTYPES[pdt], HAS_SCALE=grad_scale is not None, HAS_FOUND=found_inf is not None,
+        HAS_WD=weight_decay != 0, MAXIMIZE=bool(maximize), P_HALF=p == 0.5, INTERPRET=interpreting,
+        BLOCK=block_size, num_warps=4,
+    )  # fmt: skip
+    grid = (n_chunks,)
+    _fadam8bit_pass[grid](*args, PHASE=0, **consts)
+    if reduce is not None:
+        reduce(sums[0:1])
+    _fadam8bit_pass[grid](*args, PHASE=1, **consts)
+    if reduce is not None:
+        reduce(sums[1:3])
+    _fadam8bit_pass[grid](*args, PHASE=2, **consts)
+    for orig, copy in copies:
+        orig.copy_(copy)

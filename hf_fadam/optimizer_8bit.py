@@ -1,0 +1,294 @@
+r"""``FAdam8bit``: FAdam with its two states stored in 8 bits, blockwise quantized (about 2 bytes per parameter)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from itertools import chain
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.optim.optimizer import Optimizer
+
+from ._multi_tensor import _is_dtensor
+from ._quant import num_blocks, quantize_blockwise
+from ._quant_step import _triton_backend_on_cpu, fadam8bit, resolve_implementation_8bit
+from .optimizer import FAdam
+
+
+__all__ = ["FAdam8bit"]
+
+_MAX_BLOCK = 4096
+
+
+class FAdam8bit(FAdam):
+    r"""FAdam (arXiv:2405.12807) with blockwise 8-bit state: m and sqrt(f) in one byte each per parameter.
+
+    The update is :class:`hf_fadam.FAdam`'s, computed in fp32: each step dequantizes the two states, runs FAdam's
+    exact math (per-tensor RMS values over the whole tensor, adaptive ε, both clips, Fisher-preconditioned weight
+    decay), and requantizes them with new per-block scales. θ itself is updated from the fp32 values, so only the
+    *history* carried from one step to the next is rounded.
+
+    Storage (see :mod:`hf_fadam._quant` for the maps and why they were chosen): each tensor is cut into blocks of
+    ``block_size`` elements in its flat order; per block one float32 scale per state, per element
+
+    * ``exp_avg``: an ``int8`` code of m: sign + a 3-exponent-bit, 4-mantissa-bit minifloat of ``|m| / scale``
+      (relative rounding error ≤ 3.1 % over 7 binades below the block's absmax);
+    * ``fisher_sqrt``: a ``uint8`` code of s = sqrt(f): a 4+4-bit minifloat of ``s / scale`` (≤ 3.1 % relative
+      error on s, i.e. on FAdam's denominator D = sqrt(f) + ε̂, over 15 binades of s = 30 of f).
+
+    That is ``2 + 8 / block_size`` bytes per parameter (2.03 at the default 256) against FAdam's 8 (fp32 state).
+    Tensors with fewer than ``min_8bit_size`` elements (biases, norms: a negligible share of the parameters, but the
+    most sensitive ones) keep fp32 ``exp_avg`` and ``fisher`` exactly as :class:`FAdam` does.
+
+    Args:
+        params, lr, betas, eps, weight_decay, clip, p, maximize, foreach, fused: as :class:`hf_fadam.FAdam`.
+            ``fused=True`` runs the C kernel on CPU and the Triton kernel on CUDA, and unscales AMP gradients inside
+            the step; by default the fused kernel is used where available, else the foreach reference.
+        block_size (int, default 256): elements per quantization block, a power of two in [32, 4096]. Smaller
+            blocks follow the local magnitude more closely and cost 8 / block_size bytes per parameter of scales.
+        min_8bit_size (int, default 4096): tensors with fewer elements keep fp32 state.
+
+    State per parameter: ``step`` (0-d float32); for quantized tensors ``exp_avg`` (int8, the param's shape),
+    ``exp_avg_scale`` (float32, ``(num_blocks,)``), ``fisher_sqrt`` (uint8) and ``fisher_sqrt_scale`` (float32);
+    otherwise ``exp_avg`` and ``fisher`` (float32). ``state_dict()``/``load_state_dict`` keep the codes and scales
+    as they are (bit-exact resume); a state dict of :class:`FAdam` loads too (its fp32 state is quantized).
+
+    DDP: the state is replicated and every rank steps identically. DTensor parameters (FSDP2, TP): each rank steps
+    its local shard with its own blocks (the state is plain local tensors), and every RMS is over the whole logical
+    tensor through the sharded path's all-reduce (two per step and sharding layout). Checkpoint such a run per rank
+    (``torch.save(optimizer.state_dict())``) and resume it with the same world size: the local-shard state is not a
+    DTensor, so ``torch.distributed.checkpoint`` would keep one rank's copy only.
+    """
+
+    def __init__(
+        self,
+        params: Iterable[Tensor] | Iterable[dict[str, Any]],
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 0.1,
+        clip: float = 1.0,
+        p: float = 0.5,
+        *,
+        maximize: bool = False,
+        foreach: bool | None = None,
+        fused: bool | None = None,
+        block_size: int = 256,
+        min_8bit_size: int = 4096,
+    ) -> None:
+        _check_block_size(block_size)
+        _check_min_size(min_8bit_size)
+        self._init_8bit = dict(block_size=block_size, min_8bit_size=min_8bit_size)
+        super().__init__(
+            params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, clip=clip, p=p, maximize=maximize,
+            foreach=foreach, fused=fused,
+        )  # fmt: skip
+        self.defaults.update(self._init_8bit)
+        for group in self.param_groups:
+            for key, value in self._init_8bit.items():
+                group.setdefault(key, value)
+            _check_block_size(group["block_size"])
+            _check_min_size(group["min_8bit_size"])
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        extra = getattr(self, "_init_8bit", None) or {}
+        for key, value in extra.items():
+            param_group.setdefault(key, value)
+        if "block_size" in param_group:
+            _check_block_size(param_group["block_size"])
+        if "min_8bit_size" in param_group:
+            _check_min_size(param_group["min_8bit_size"])
+        super().add_param_group(param_group)
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        for group in self.param_groups:
+            group.setdefault("block_size", 256)
+            group.setdefault("min_8bit_size", 4096)
+
+    def _quantized(self, param: Tensor, group: dict[str, Any]) -> bool:
+        return param.numel() >= group["min_8bit_size"]
+
+    def _init_group_8bit(self, group: dict[str, Any], lists: dict[str, list]) -> None:
+        for param in group["params"]:
+            grad = param.grad
+            if grad is None:
+                continue
+            if grad.is_sparse:
+                raise RuntimeError("FAdam8bit does not support sparse gradients; use a dense gradient layout")
+            layout = None
+            local = param
+            if _is_dtensor(param):
+                # FSDP2/TP: step the local shard (its own quantization blocks), with the RMS of the whole logical
+                # tensor: logical numel, and the sharded path's all-reduce as the reduce hook.
+                from . import _sharded
+
+                if grad.placements != param.placements:
+                    grad = _sharded._grad_like_param(grad, param)
+                layout = (param.device_mesh, _sharded.sharded_dims(param))
+                local, grad = param.to_local(), grad.to_local()
+            state = self.state[param]
+            if len(state) == 0:
+                dev = local.device
+                state["step"] = torch.zeros((), dtype=torch.float32, device=dev)
+                if self._quantized(param, group):  # decided on the logical size: the same on every rank
+                    nb = num_blocks(local.numel(), group["block_size"])
+                    state["exp_avg"] = torch.zeros(local.shape, dtype=torch.int8, device=dev)
+                    state["exp_avg_scale"] = torch.zeros(nb, dtype=torch.float32, device=dev)
+                    state["fisher_sqrt"] = torch.zeros(local.shape, dtype=torch.uint8, device=dev)
+                    state["fisher_sqrt_scale"] = torch.zeros(nb, dtype=torch.float32, device=dev)
+                else:
+                    state["exp_avg"] = torch.zeros(local.shape, dtype=torch.float32, device=dev)
+                    state["fisher"] = torch.zeros(local.shape, dtype=torch.float32, device=dev)
+            lists["layouts"].append(layout)
+            lists["numels"].append(param.numel())
+            lists["params"].append(local)
+            lists["grads"].append(grad)
+            lists["exp_avgs"].append(state["exp_avg"])
+            quant = "fisher_sqrt" in state
+            lists["fishers"].append(state["fisher_sqrt"] if quant else state["fisher"])
+            lists["exp_avg_scales"].append(state["exp_avg_scale"] if quant else None)
+            lists["fisher_scales"].append(state["fisher_sqrt_scale"] if quant else None)
+            lists["state_steps"].append(state["step"])
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], float] | None = None) -> float | None:
+        """Perform one optimization step; ``closure`` re-evaluates the model and returns the loss."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        grad_scale = getattr(self, "grad_scale", None)
+        found_inf = getattr(self, "found_inf", None)
+        for group in self.param_groups:
+            names = ("params", "grads", "exp_avgs", "fishers", "exp_avg_scales", "fisher_scales", "state_steps")
+            lists: dict[str, list] = {name: [] for name in (*names, "layouts", "numels")}
+            self._init_group_8bit(group, lists)
+            beta1, beta2 = group["betas"]
+            # One call per sharding layout (the plain tensors first), in param order: the same on every rank.
+            calls: dict[Any, list[int]] = {}
+            for i, layout in enumerate(lists["layouts"]):
+                calls.setdefault(None if layout is None else (id(layout[0]), layout[1]), []).append(i)
+            for key, index in calls.items():
+                reduce = numels = None
+                if key is not None:
+                    from ._sharded import make_reduce
+
+                    mesh, dims = lists["layouts"][index[0]]
+                    reduce = make_reduce(mesh, dims)
+                    numels = [lists["numels"][i] for i in index]
+                self._step_lists(group, [[lists[name][i] for i in index] for name in names], grad_scale,
+                                 found_inf, beta1, beta2, numels, reduce)  # fmt: skip
+        return loss
+
+    def _step_lists(
+        self,
+        group: dict[str, Any],
+        tensor_lists: list[list],
+        grad_scale: Tensor | None,
+        found_inf: Tensor | None,
+        beta1: float,
+        beta2: float,
+        numels: list[int] | None,
+        reduce: Callable[[Tensor], object] | None,
+    ) -> None:
+        fadam8bit(
+            *tensor_lists,
+            numels=numels,
+            reduce=reduce,
+            block_size=group["block_size"],
+            foreach=group["foreach"],
+            fused=group["fused"],
+            grad_scale=grad_scale,
+            found_inf=found_inf,
+            lr=group["lr"],
+            beta1=beta1,
+            beta2=beta2,
+            eps=group["eps"],
+            weight_decay=group["weight_decay"],
+            clip=group["clip"],
+            p=group["p"],
+            maximize=group["maximize"],
+        )
+
+    def describe_implementation(self) -> str:
+        """The implementation ``step`` runs, e.g. ``"fused (C kernel, cpu), 8-bit state (block_size 256)"``."""
+        answers: dict[int, str] = {}
+        for index, group in enumerate(self.param_groups):
+            params = [p.to_local() if _is_dtensor(p) else p for p in group["params"] if isinstance(p, Tensor)]
+            if not params:
+                continue
+            impl = resolve_implementation_8bit(params, group["foreach"], group["fused"])
+            if impl == "fused":
+                devices = sorted({p.device.type for p in params})
+                kernel = "Triton" if "cuda" in devices or _triton_backend_on_cpu() else "C kernel"
+                impl = f"fused ({kernel}, {', '.join(devices)})"
+            elif impl == "forloop":
+                impl = "for-loop reference"
+            answers[index] = f"{impl}, 8-bit state (block_size {group['block_size']})"
+        if len(set(answers.values())) <= 1:
+            return next(iter(answers.values()), "no parameters")
+        return "; ".join(f"group {i}: {answer}" for i, answer in answers.items())
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load state keeping every tensor's dtype: codes stay int8/uint8, scales and fp32 state float32.
+
+        The tensors are copied onto the parameter's device. A state from :class:`FAdam` (fp32 ``exp_avg`` and
+        ``fisher``) is quantized for the tensors that this optimizer keeps in 8 bits. A block_size that does not
+        match the saved scales raises ``ValueError``.
+        """
+        saved_state = state_dict["state"]
+        Optimizer.load_state_dict(self, {**state_dict, "state": {}})
+        saved_ids = chain.from_iterable(g["params"] for g in state_dict["param_groups"])
+        params = chain.from_iterable(g["params"] for g in self.param_groups)
+        id_to_param = dict(zip(saved_ids, params))
+        param_to_group = {id(p): g for g in self.param_groups for p in g["params"]}
+        for key, value in saved_state.items():
+            param = id_to_param.get(key)
+            if param is None:
+                self.state[key] = value
+                continue
+            group = param_to_group[id(param)]
+            dev = param.device
+            restored = {name: t.to(device=dev, copy=True) if isinstance(t, Tensor) else t for name, t in value.items()}
+            if "step" in restored and isinstance(restored["step"], Tensor):
+                restored["step"] = restored["step"].to(torch.float32)
+            if "fisher_sqrt" in restored:
+                nb = num_blocks(param.numel(), group["block_size"])
+                for name in ("exp_avg", "fisher_sqrt"):
+                    if restored[name].numel() != param.numel():
+                        raise ValueError(
+                            f"FAdam8bit.load_state_dict: state {name!r} has {restored[name].numel()} codes for a "
+                            f"parameter of {param.numel()} elements"
+                        )
+                for name in ("exp_avg_scale", "fisher_sqrt_scale"):
+                    if restored[name].numel() != nb:
+                        raise ValueError(
+                            f"FAdam8bit.load_state_dict: state {name!r} has {restored[name].numel()} scales, but "
+                            f"block_size={group['block_size']} needs {nb} for {param.numel()} elements; load it "
+                            "with the block_size it was saved with"
+                        )
+            elif "fisher" in restored:
+                m = restored["exp_avg"].to(torch.float32)
+                f = restored["fisher"].to(torch.float32)
+                if self._quantized(param, group):
+                    bs = group["block_size"]
+                    restored["exp_avg"], restored["exp_avg_scale"] = quantize_blockwise(m, bs, signed=True)
+                    del restored["fisher"]
+                    restored["fisher_sqrt"], restored["fisher_sqrt_scale"] = quantize_blockwise(f.sqrt(), bs, False)
+                else:
+                    restored["exp_avg"], restored["fisher"] = m, f
+            self.state[param] = restored
+
+
+def _check_block_size(block_size: Any) -> None:
+    ok = isinstance(block_size, int) and not isinstance(block_size, bool)
+    if not ok or not 32 <= block_size <= _MAX_BLOCK or block_size & (block_size - 1):
+        raise ValueError(f"Invalid block_size: {block_size!r}; it must be a power of two in [32, {_MAX_BLOCK}]")
+
+
+def _check_min_size(min_8bit_size: Any) -> None:
+    ok = isinstance(min_8bit_size, int) and not isinstance(min_8bit_size, bool)
+    if not ok or min_8bit_size < 0:
+        raise ValueError(f"Invalid min_8bit_size: {min_8bit_size!r}; it must be an integer >= 0")
