@@ -4,6 +4,7 @@
 """
 
 from .functional import fadam
+from .integrations import deepspeed as _deepspeed  # noqa: F401  (registers its engine hook; imports no deepspeed)
 from .optimizer import FAdam
 from .optimizer_8bit import FAdam8bit
 

@@ -26,12 +26,16 @@ State of a flat tensor (tensor-only, saved and restored by the engine's own chec
 
 from __future__ import annotations
 
+import sys
 import weakref
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor
+
+from ._math import resolve_state_dtype
 
 
 __all__ = ["FlatLayout", "flat_fadam_group", "get_layout", "init_state", "set_layout"]
@@ -92,6 +96,28 @@ def set_layout(flat: Tensor, layout: FlatLayout | None) -> None:
     _LAYOUTS[key] = (weakref.ref(flat, lambda _, key=key: _LAYOUTS.pop(key, None)), layout)
 
 
+#: module name -> installer: integrations of engines that hand FAdam flat partitions register here when imported
+#: (``hf_fadam.integrations.deepspeed``), so that ``FAdam()`` can install them without importing upwards.
+_ENGINE_INSTALLERS: dict[str, Callable[[], object]] = {}
+
+
+def register_engine(module_name: str, installer: Callable[[], object]) -> None:
+    """Have :func:`install_engine_hooks` call ``installer`` whenever ``module_name`` has been imported."""
+    _ENGINE_INSTALLERS[module_name] = installer
+
+
+def install_engine_hooks() -> None:
+    """Run the installer of every registered engine that is imported in this process (``FAdam()`` calls this)."""
+    for module_name, installer in _ENGINE_INSTALLERS.items():
+        if module_name in sys.modules:
+            installer()
+
+
+def has_layouts() -> bool:
+    """Whether any flat tensor has a layout (a cheap test before looking up every parameter)."""
+    return bool(_LAYOUTS)
+
+
 def get_layout(t: Tensor) -> FlatLayout | None:
     """The :class:`FlatLayout` attached to ``t``, or None for an ordinary parameter."""
     entry = _LAYOUTS.get(id(t))
@@ -123,8 +149,6 @@ def init_state(state: dict[Tensor, dict[str, Any]], group: dict[str, Any], flat:
     Integrations call it when they attach a layout: an engine that links per-parameter views of the optimizer
     state after the first step of its first group (DeepSpeed ZeRO 1/2) must find every group's state there.
     """
-    from .optimizer import resolve_state_dtype
-
     st = state[flat]
     if len(st) == 0:
         state_dtype = resolve_state_dtype(flat.dtype, group["state_dtype"])

@@ -14,6 +14,18 @@ import torch
 from torch import Tensor
 
 
+def resolve_state_dtype(param_dtype: torch.dtype, state_dtype: torch.dtype | None) -> torch.dtype:
+    """The dtype of ``exp_avg``/``fisher``: ``state_dtype`` if set, else float32 for 16-bit params, else the param's.
+
+    16-bit params get float32 state by default: a 16-bit Fisher rounds away most of the (1 − β̂2)·g² increments.
+    """
+    if state_dtype is not None:
+        return state_dtype
+    if param_dtype in (torch.float16, torch.bfloat16):
+        return torch.float32
+    return param_dtype
+
+
 def fisher_beta(beta2: float, step: Tensor) -> Tensor:
     r"""The bias-corrected β2 of the Fisher EMA, :math:`\hat\beta_2 = \beta_2 (1-\beta_2^{t-1}) / (1-\beta_2^t)`.
 

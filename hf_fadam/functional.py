@@ -26,7 +26,7 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import Tensor
 
-from ._multi_tensor import _is_dtensor, _multi_tensor_fadam
+from ._multi_tensor import _multi_tensor_fadam
 from ._sharded import describe_sharded, has_dtensor, local_tensors, sharded_fadam
 from ._single_tensor import _single_tensor_fadam
 
@@ -81,34 +81,28 @@ def _fused_available(params: list[Tensor], fishers: list[Tensor]) -> bool:
     """Whether fused=None should choose the fused path for these parameters (and their state dtypes)."""
     if torch.compiler.is_compiling():
         return False
-    for device_type in {t.device.type for t in params}:
-        if device_type not in _FUSED_DTYPES:
+    for device_type, param_dtype, state_dtype in {(t.device.type, t.dtype, f.dtype) for t, f in zip(params, fishers)}:
+        if device_type not in _FUSED_DTYPES or param_dtype not in _FUSED_DTYPES[device_type]:
             return False
         try:
             if device_type == "cuda":
                 from .kernels import triton_fadam
 
-                ok = triton_fadam.is_available() and all(
-                    triton_fadam.is_supported(t.dtype, f.dtype)
-                    for t, f in zip(params, fishers)
-                    if t.device.type == "cuda"
-                )
+                ok = triton_fadam.is_available() and triton_fadam.is_supported(param_dtype, state_dtype)
             else:
                 from .kernels import cpu_fused
 
                 # Never default to the interpreted Triton kernels: they exist for testing.
-                ok = _cpu_fused_backend() == "c" and cpu_fused.is_available()
+                ok = (
+                    _cpu_fused_backend() == "c"
+                    and cpu_fused.is_available()
+                    and cpu_fused.is_supported(param_dtype, state_dtype)
+                )
         except ImportError:
             ok = False
         if not ok:
             return False
-    if not all(t.dtype in _FUSED_DTYPES[t.device.type] and not _is_dtensor(t) for t in params):
-        return False
-    if any(t.device.type == "cpu" for t in params):
-        from .kernels import cpu_fused
-
-        return all(cpu_fused.is_supported(t.dtype, f.dtype) for t, f in zip(params, fishers) if t.device.type == "cpu")
-    return True
+    return True  # (DTensors never reach the kernels whole: fadam() routes them to _sharded.py first)
 
 
 def resolve_implementation(
@@ -250,21 +244,16 @@ def _fused_fadam(
 ) -> None:
     """The fused path: one kernel call per (device, param dtype, state dtype) group, or, with a ``reduce``, one
     call for the whole list (one device), in which the kernel runs its dtype groups phase-major."""
-    for t, f in zip(params, fishers):
-        if _is_dtensor(t):
-            raise RuntimeError(
-                "FAdam(fused=True) does not support DTensor (FSDP2) parameters: a fused kernel sees only the local "
-                "shard and would take per-shard RMS values. Use foreach=True (the default for DTensors)."
-            )
-        if t.device.type not in _FUSED_DTYPES:
-            raise RuntimeError(
-                f"FAdam(fused=True) is not available on device type {t.device.type!r}; use foreach=True."
-            )
-        supported = _FUSED_DTYPES[t.device.type]
-        if t.dtype not in supported or f.dtype not in supported:
+    # DTensors never get here: fadam() routes them to _sharded.py. Checked per distinct (device, dtypes) key.
+    keys = [(t.device, t.dtype, f.dtype) for t, f in zip(params, fishers)]
+    for device, param_dtype, state_dtype in set(keys):
+        if device.type not in _FUSED_DTYPES:
+            raise RuntimeError(f"FAdam(fused=True) is not available on device type {device.type!r}; use foreach=True.")
+        supported = _FUSED_DTYPES[device.type]
+        if param_dtype not in supported or state_dtype not in supported:
             raise RuntimeError(
                 f"FAdam(fused=True) supports parameter and state dtypes {[str(d) for d in supported]} on "
-                f"{t.device.type}; got parameter dtype {t.dtype} with state dtype {f.dtype}. Use foreach=True."
+                f"{device.type}; got parameter dtype {param_dtype} with state dtype {state_dtype}. Use foreach=True."
             )
     lists = (params, grads, exp_avgs, fishers, state_steps)
     if reduce is not None:
@@ -274,12 +263,15 @@ def _fused_fadam(
         groups = {(next(iter(devices), torch.device("cpu")),): list(range(len(params)))}
     else:
         groups = {}
-        for i, (t, f) in enumerate(zip(params, fishers)):
-            groups.setdefault((t.device, t.dtype, f.dtype), []).append(i)
+        for i, key in enumerate(keys):
+            groups.setdefault(key, []).append(i)
     grad_scales = {} if grad_scale is None else {grad_scale.device: grad_scale}
     found_infs = {} if found_inf is None else {found_inf.device: found_inf}
     for (device, *_), idx in groups.items():
-        dev_params, dev_grads, dev_exp_avgs, dev_fishers, dev_steps = ([lst[i] for i in idx] for lst in lists)
+        if len(idx) == len(params):  # one group (the usual case): the lists as they are
+            dev_params, dev_grads, dev_exp_avgs, dev_fishers, dev_steps = lists
+        else:
+            dev_params, dev_grads, dev_exp_avgs, dev_fishers, dev_steps = ([lst[i] for i in idx] for lst in lists)
         kernel = _fused_kernel(device)
         dev_grad_scale = dev_found_inf = None
         if grad_scale is not None:
@@ -297,7 +289,7 @@ def _fused_fadam(
             grad_scale=dev_grad_scale,
             found_inf=dev_found_inf,
             # (passed only when given: the kernels default numels to the tensors' sizes and reduce to the identity)
-            **({} if numels is None else {"numels": [numels[i] for i in idx]}),
+            **({} if numels is None else {"numels": [numels[i] for i in idx] if len(idx) < len(params) else numels}),
             **({} if reduce is None else {"reduce": reduce}),
             **hyper,
         )

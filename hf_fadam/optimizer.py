@@ -2,7 +2,6 @@ r"""``FAdam``: the optimizer class. It validates hyperparameters, holds state an
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -10,7 +9,8 @@ import torch
 from torch import Tensor
 from torch.optim.optimizer import Optimizer
 
-from ._flat import flat_fadam_group, get_layout
+from ._flat import flat_fadam_group, get_layout, has_layouts, install_engine_hooks
+from ._math import resolve_state_dtype
 from .functional import describe_implementation, fadam
 
 
@@ -42,15 +42,6 @@ def _parse_state_dtype(state_dtype: torch.dtype | str | None) -> torch.dtype | N
     if not isinstance(state_dtype, torch.dtype) or not state_dtype.is_floating_point:
         raise ValueError(f"Invalid state_dtype: {state_dtype!r}; it must be a floating-point torch.dtype")
     return state_dtype
-
-
-def resolve_state_dtype(param_dtype: torch.dtype, state_dtype: torch.dtype | None) -> torch.dtype:
-    """The dtype of ``exp_avg``/``fisher``: ``state_dtype`` if set, else float32 for 16-bit params, else the param's."""
-    if state_dtype is not None:
-        return state_dtype
-    if param_dtype in (torch.float16, torch.bfloat16):
-        return torch.float32
-    return param_dtype
 
 
 def _check_number(name: str, value: Any, ok: bool, requirement: str) -> None:
@@ -154,11 +145,8 @@ class FAdam(Optimizer):
         defaults["state_dtype"] = _parse_state_dtype(state_dtype)
         defaults["betas"] = tuple(float(b) for b in betas)
         super().__init__(params, defaults)
-        if "deepspeed" in sys.modules:
-            # DeepSpeed replaces each group's params by flat partitions: have it describe them to FAdam.
-            from .integrations.deepspeed import install
-
-            install()
+        # An engine already imported that hands FAdam flat partitions (DeepSpeed ZeRO) describes them to FAdam.
+        install_engine_hooks()
         # GradScaler hands grad_scale/found_inf to optimizers that unscale inside the step: the fused kernels do.
         if fused:
             self._step_supports_amp_scaling = True
@@ -227,10 +215,10 @@ class FAdam(Optimizer):
                 continue
             if grad.is_sparse:
                 raise RuntimeError("FAdam does not support sparse gradients; use a dense gradient layout")
-            if torch.is_complex(grad):
-                raise RuntimeError(f"FAdam does not support complex gradients; got one of dtype {grad.dtype}")
             state = self.state[param]
             if len(state) == 0:
+                if torch.is_complex(grad):  # (autograd gives a grad the param's dtype; checked once, not per step)
+                    raise RuntimeError(f"FAdam does not support complex gradients; got one of dtype {grad.dtype}")
                 state_dtype = resolve_state_dtype(param.dtype, group["state_dtype"])
                 state["step"] = torch.zeros((), dtype=torch.float32, device=param.device)
                 state["exp_avg"] = torch.zeros_like(param, dtype=state_dtype, memory_format=torch.preserve_format)
@@ -251,7 +239,7 @@ class FAdam(Optimizer):
         grad_scale = getattr(self, "grad_scale", None)
         found_inf = getattr(self, "found_inf", None)
         for group in self.param_groups:
-            if any(get_layout(param) is not None for param in group["params"]):
+            if has_layouts() and any(get_layout(param) is not None for param in group["params"]):
                 # Flat partitions of an engine (DeepSpeed ZeRO), described by its integration: per fragment.
                 for param in group["params"]:
                     layout = get_layout(param)

@@ -74,8 +74,9 @@ def test_kwargs_carry_fadam_and_8bit_optim_args(tmp_path):
         ("state_dtype=bf16", "'state_dtype' does not apply to --optim fadam_8bit"),
     ],
 )
-def test_bad_optim_args_name_the_key(tmp_path, optim_args, message):
-    args = _args(tmp_path, optim_args=optim_args)
+def test_bad_optim_args_set_after_construction_name_the_key(tmp_path, optim_args, message):
+    args = _args(tmp_path)
+    args.optim_args = optim_args  # past the TrainingArguments-time check: the Trainer's build still names the key
     with pytest.raises(ValueError, match=message):
         Trainer.get_optimizer_cls_and_kwargs(args, None)
 
@@ -94,3 +95,23 @@ def test_trainer_run_uses_fadam8bit_and_the_loss_falls(tmp_path):
     assert opt.state[w]["exp_avg"].dtype == torch.int8 and opt.state[w]["fisher_sqrt"].dtype == torch.uint8
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     assert losses[-1] < 0.8 * losses[0], losses
+
+
+@pytest.mark.parametrize(
+    ("optim_args", "message"),
+    [
+        ("block_size=48", "Invalid block_size: 48"),
+        ("min_8bit_size=-1", "Invalid min_8bit_size: -1"),
+        ("state_dtype=bf16", "'state_dtype' does not apply to --optim fadam_8bit"),
+        ("clip=-1", "Invalid clip: -1.0"),
+        ("blocksize=64", "blocksize"),
+    ],
+)
+def test_bad_optim_args_fail_when_training_arguments_are_built(tmp_path, optim_args, message):
+    # before the model is loaded and the data tokenized, as for --optim fadam
+    with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(".", r"\.")):
+        _args(tmp_path, optim_args=optim_args)
+    with pytest.raises(ValueError, match="blocksize"):
+        HfArgumentParser(TrainingArguments).parse_args_into_dataclasses(
+            ["--output_dir", str(tmp_path), "--optim", "fadam_8bit", "--optim_args", "blocksize=64"]
+        )

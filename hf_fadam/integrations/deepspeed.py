@@ -24,7 +24,7 @@ of one process on the same global batch. Padding belongs to no parameter and is 
 
 :func:`install` makes this automatic: it wraps the ``__init__`` of the three DeepSpeed optimizers so that each one
 built around a FAdam attaches the layouts right away (``deepspeed.initialize``, the Trainer and accelerate all go
-through them). ``FAdam()`` calls it when DeepSpeed is already imported, and the Trainer's ``--optim fadam`` handler
+through them). ````FAdam()`` calls it when DeepSpeed is already imported (through ``hf_fadam._flat``'s engine registry), and the Trainer's ``--optim fadam`` handler
 calls it for a DeepSpeed run; a script that imports DeepSpeed only after building FAdam calls ``install()`` (or
 ``attach(engine)`` after ``deepspeed.initialize``) itself.
 
@@ -43,7 +43,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .._flat import FlatLayout, get_layout, init_state, set_layout
+from .._flat import FlatLayout, get_layout, init_state, register_engine, set_layout
 
 
 __all__ = ["attach", "install", "installed", "layouts"]
@@ -213,3 +213,7 @@ def install() -> bool:
 def is_attached(flat: Tensor) -> bool:
     """Whether ``flat`` carries a layout (for tests and checks)."""
     return get_layout(flat) is not None
+
+
+# FAdam() installs the patch when DeepSpeed is already imported (hf_fadam/__init__.py imports this module).
+register_engine("deepspeed", install)

@@ -116,6 +116,8 @@ OPTIM_ARGS: dict[str, Callable[[str, str], Any]] = {
     "fused": _to_optional_bool,
     "maximize": _to_bool,
 }
+
+
 def _to_int(key: str, value: str) -> int:
     try:
         return int(value)
@@ -305,17 +307,26 @@ def fadam_kwargs(
 
 
 def validate_training_args(args: Any) -> None:
-    """Raise ``ValueError`` now for what would make the Trainer fail to build FAdam later (``optim="fadam"`` only).
+    """Raise ``ValueError`` now for what would make the Trainer fail to build FAdam later (``fadam``, ``fadam_8bit``).
 
     Checks ``optim_args`` (:func:`parse_optim_args`) and then every hyperparameter as FAdam's constructor does (e.g.
     ``Invalid clip: -1.0``), without a model. The DeepSpeed/FSDP1 guard needs the model and stays at build time.
     """
-    if not is_fadam(getattr(args, "optim", None)):
+    optim = getattr(args, "optim", None)
+    eight_bit = is_fadam_8bit(optim)
+    if not (is_fadam(optim) or eight_bit):
         return
     from hf_fadam.optimizer import FAdam
 
-    options = parse_optim_args(getattr(args, "optim_args", None))
+    options = parse_optim_args(getattr(args, "optim_args", None), OPTIM_ARGS_8BIT if eight_bit else None)
     options.pop("allow_flat_shards", None)
+    if eight_bit:
+        from hf_fadam.optimizer_8bit import _check_block_size, _check_min_size
+
+        if "state_dtype" in options:
+            raise ValueError("optim_args key 'state_dtype' does not apply to --optim fadam_8bit (its state is 8-bit)")
+        _check_block_size(options.pop("block_size", 256))
+        _check_min_size(options.pop("min_8bit_size", 4096))
     group = _fadam_defaults()
     group.update(
         lr=args.learning_rate,

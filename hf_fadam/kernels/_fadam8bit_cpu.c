@@ -25,7 +25,8 @@
  * to a NaN-propagating max (the block's scale becomes NaN, as in the reference) and NaN-safe encoding otherwise,
  * or when a block's maximum overflowed to inf.
  *
- * Cost: decoding is a shift, an add and a select per code; encoding ~12 integer/float ops. On a compute-bound
+ * Cost: decoding is a shift and a multiply per code through float32 subnormals (dn_ok(): AMD x86-64 without DAZ),
+ * else a shift, an add and a select; encoding ~12 integer/float ops. On a compute-bound
  * single core (the CPUs of the benchmarks here) that codec work, not memory traffic, sets the step time.
  */
 #include <math.h>
@@ -109,20 +110,40 @@ static inline float dec_s(uint8_t c) {
     float sv = (float)q * 3.814697265625e-06f; /* 2^-18 */
     return q < 16 ? sv : nv;
 }
+/* The same through float32 subnormals, 3 ops instead of 7: the bits q << 19 are a float32 whose exponent field is
+   the code's, and whose subnormal range is the code's, so the code's value is that float times 2^(127 - bias),
+   exactly. It needs subnormal float32 inputs read as they are: used only where dn_ok() says so. */
+static inline float dec_m_dn(int8_t c) {
+    int32_t ci = c;
+    uint32_t a = (uint32_t)(ci < 0 ? -ci : ci);
+    return bits_to_f32((a << 19) | ((uint32_t)ci & 0x80000000u)) * 0x1p120f;
+}
+static inline float dec_s_dn(uint8_t c) { return bits_to_f32((uint32_t)c << 19) * 0x1p112f; }
+/* Whether this thread may decode through subnormals: x86-64 AMD (whose multiplier takes subnormal inputs without a
+   microcode assist; Intel cores may not) with the MXCSR DAZ bit clear (torch.set_flush_denormal(True) sets it).
+   Either way the codes decode to the same values. */
+static inline int dn_ok(void) {
+#if defined(__x86_64__) && defined(__GNUC__)
+    return __builtin_cpu_is("amd") && (__builtin_ia32_stmxcsr() & 0x40u) == 0;
+#else
+    return 0;
+#endif
+}
 /* round finite u (>= 0) to the nearest code, ties to even: the float32 mantissa rounded to 4 bits and the exponent
-   rebiased (normal codes), or an exact scaling by a power of two and rint (subnormal codes) */
+   rebiased (normal codes); for the subnormal codes of the m map, u + 2^13 (whose float32 spacing is the code step
+   2^-10) rounds u to the nearest step, ties to even, in one addition (the same as rint(u * 2^10)); the f map's
+   subnormal codes round up: ceil(u * 2^18) */
 static inline int32_t enc_e3m4(float u) {
     uint32_t bits = f32_to_bits(u);
     int32_t nq = (int32_t)((bits + 0x3ffffu + ((bits >> 19) & 1u)) >> 19) - (120 << 4);
-    int32_t sq = (int32_t)rintf(u * 1024.0f);
+    int32_t sq = (int32_t)(f32_to_bits(u + 8192.0f) - 0x46000000u); /* bits of 2^13 */
     int32_t q = u < 0.015625f ? sq : nq; /* min normal 2^-6 */
     return q > 127 ? 127 : q;
 }
 static inline int32_t enc_e4m4(float u) {
     uint32_t bits = f32_to_bits(u);
     int32_t nq = (int32_t)((bits + 0x3ffffu + ((bits >> 19) & 1u)) >> 19) - (112 << 4);
-    float y = u * 262144.0f, r = rintf(y);
-    int32_t sq = (int32_t)(r < y ? r + 1.0f : r); /* subnormals round up: a positive s never becomes 0 */
+    int32_t sq = (int32_t)ceilf(u * 262144.0f); /* subnormals round up: a positive s never becomes 0 */
     int32_t q = u < 6.103515625e-05f ? sq : nq;  /* min normal 2^-14 */
     return q > 255 ? 255 : q;
 }
@@ -182,7 +203,7 @@ static void scalars(tscal *s, const fadam8_hparams *hp, const double *sums, int6
     /* f_old for element i: decoded s squared (8-bit) or the float state */                                        \
     static inline __attribute__((always_inline)) void pass_b_impl_##NAME(                                          \
         const PT *th, const PT *g, const void *fstate, const float *fsc, int64_t bs, int64_t lo, int64_t hi,       \
-        const tscal *s, const int quant, const int p_half, const int want_w, double *out) {                         \
+        const tscal *s, const int quant, const int p_half, const int want_w, const int dn, double *out) {           \
         double a = 0.0, b = 0.0;                                                                                    \
         const float gmul = s->gmul, bh = s->bh, omb = s->omb, eps_hat = s->eps_hat, p = s->p;                      \
         /* per block: its scale, then the vectorized elements */                                               \
@@ -193,7 +214,7 @@ static void scalars(tscal *s, const fadam8_hparams *hp, const double *sums, int6
             float gv = LDP(g[i]) * gmul;                                                                            \
             float fo;                                                                                               \
             if (quant) {                                                                                            \
-                float so = dec_s(((const uint8_t *)fstate)[i]) * sc;                                      \
+                float so = (dn ? dec_s_dn(((const uint8_t *)fstate)[i]) : dec_s(((const uint8_t *)fstate)[i])) * sc;                                      \
                 fo = so * so;                                                                                       \
             } else {                                                                                                \
                 fo = ((const float *)fstate)[i];                                                                    \
@@ -216,15 +237,21 @@ static void scalars(tscal *s, const fadam8_hparams *hp, const double *sums, int6
     static void pass_b_##NAME(const PT *th, const PT *g, const void *fstate, const float *fsc, int64_t bs,         \
                               int64_t lo, int64_t hi, const tscal *s, double *out) {                                \
         const int q = fsc != NULL;                                                                                  \
-        if (q && s->p_half && s->want_w) pass_b_impl_##NAME(th, g, fstate, fsc, bs, lo, hi, s, 1, 1, 1, out);       \
-        else if (q && s->p_half) pass_b_impl_##NAME(th, g, fstate, fsc, bs, lo, hi, s, 1, 1, 0, out);               \
-        else if (q) pass_b_impl_##NAME(th, g, fstate, fsc, bs, lo, hi, s, 1, 0, s->want_w, out);                    \
-        else pass_b_impl_##NAME(th, g, fstate, fsc, bs, lo, hi, s, 0, s->p_half, s->want_w, out);                   \
+        const int dn = q && dn_ok();                                                                                \
+        if (q && s->p_half && s->want_w) {                                                                          \
+            if (dn) pass_b_impl_##NAME(th, g, fstate, fsc, bs, lo, hi, s, 1, 1, 1, 1, out);                         \
+            else pass_b_impl_##NAME(th, g, fstate, fsc, bs, lo, hi, s, 1, 1, 1, 0, out);                            \
+        } else if (q && s->p_half) {                                                                                \
+            if (dn) pass_b_impl_##NAME(th, g, fstate, fsc, bs, lo, hi, s, 1, 1, 0, 1, out);                         \
+            else pass_b_impl_##NAME(th, g, fstate, fsc, bs, lo, hi, s, 1, 1, 0, 0, out);                            \
+        } else if (q) pass_b_impl_##NAME(th, g, fstate, fsc, bs, lo, hi, s, 1, 0, s->want_w, 0, out);               \
+        else pass_b_impl_##NAME(th, g, fstate, fsc, bs, lo, hi, s, 0, s->p_half, s->want_w, 0, out);                \
     }                                                                                                               \
     /* the update of one quantization block [blo, bhi) of an 8-bit tensor */                                        \
     static inline __attribute__((always_inline)) void pass_c_block_##NAME(                                         \
         PT *th, const PT *g, int8_t *mc, uint8_t *fc, float *msc, float *fsc, int64_t blk, int64_t blo,            \
-        int64_t bhi, const tscal *s, const int p_half, const int want_w, float *mbuf, float *sbuf) {               \
+        int64_t bhi, const tscal *s, const int p_half, const int want_w, const int dn, float *mbuf,                 \
+        float *sbuf) {                                                                                              \
         const float gmul = s->gmul, bh = s->bh, omb = s->omb, eps_hat = s->eps_hat, p = s->p;                      \
         const float inv_kg = s->inv_kg, inv_kw = s->inv_kw, b1 = s->b1, omb1 = s->omb1;                            \
         const float neg_lr = s->neg_lr, wd = s->wd;                                                                 \
@@ -234,14 +261,14 @@ static void scalars(tscal *s, const fadam8_hparams *hp, const double *sums, int6
         _Pragma("omp simd reduction(max:amax_m,amax_s)") for (int64_t j = 0; j < len; ++j) {                        \
             const int64_t i = blo + j;                                                                              \
             float gv = LDP(g[i]) * gmul;                                                                            \
-            float so = dec_s(fc[i]) * fs_old;                                                                       \
+            float so = (dn ? dec_s_dn(fc[i]) : dec_s(fc[i])) * fs_old;                                                                       \
             float fo = so * so;                                                                                     \
             float fn = fo * bh + (gv * gv) * omb;                                                                   \
             float sn = sqrtf(fn);                                                                                   \
             float rd = 1.0f / ((p_half ? sn : powf(fn, p)) + eps_hat);                                              \
             float t = LDP(th[i]);                                                                                   \
             float nb = (gv * rd) * inv_kg;                                                                          \
-            float mo = dec_m(mc[i]) * ms_old;                                                                       \
+            float mo = (dn ? dec_m_dn(mc[i]) : dec_m(mc[i])) * ms_old;                                                                       \
             float mn = mo * b1 + nb * omb1;                                                                         \
             float upd = mn;                                                                                         \
             if (want_w) upd = mn + wd * ((t * rd) * inv_kw);                                                        \
@@ -282,14 +309,19 @@ static void scalars(tscal *s, const fadam8_hparams *hp, const double *sums, int6
     static void pass_c_q_##NAME(PT *th, const PT *g, int8_t *mc, uint8_t *fc, float *msc, float *fsc, int64_t bs,  \
                                 int64_t lo, int64_t hi, const tscal *s) {                                           \
         float mbuf[MAX_BLOCK], sbuf[MAX_BLOCK];                                                                     \
+        const int dn = dn_ok();                                                                                     \
         for (int64_t blo = lo; blo < hi; blo += bs) {                                                               \
             const int64_t bhi = blo + bs < hi ? blo + bs : hi;                                                      \
-            if (s->p_half && s->want_w)                                                                             \
-                pass_c_block_##NAME(th, g, mc, fc, msc, fsc, blo / bs, blo, bhi, s, 1, 1, mbuf, sbuf);              \
+            if (s->p_half && s->want_w && dn)                                                                       \
+                pass_c_block_##NAME(th, g, mc, fc, msc, fsc, blo / bs, blo, bhi, s, 1, 1, 1, mbuf, sbuf);           \
+            else if (s->p_half && s->want_w)                                                                        \
+                pass_c_block_##NAME(th, g, mc, fc, msc, fsc, blo / bs, blo, bhi, s, 1, 1, 0, mbuf, sbuf);           \
+            else if (s->p_half && dn)                                                                               \
+                pass_c_block_##NAME(th, g, mc, fc, msc, fsc, blo / bs, blo, bhi, s, 1, 0, 1, mbuf, sbuf);           \
             else if (s->p_half)                                                                                     \
-                pass_c_block_##NAME(th, g, mc, fc, msc, fsc, blo / bs, blo, bhi, s, 1, 0, mbuf, sbuf);              \
+                pass_c_block_##NAME(th, g, mc, fc, msc, fsc, blo / bs, blo, bhi, s, 1, 0, 0, mbuf, sbuf);           \
             else                                                                                                    \
-                pass_c_block_##NAME(th, g, mc, fc, msc, fsc, blo / bs, blo, bhi, s, 0, s->want_w, mbuf, sbuf);      \
+                pass_c_block_##NAME(th, g, mc, fc, msc, fsc, blo / bs, blo, bhi, s, 0, s->want_w, 0, mbuf, sbuf);   \
         }                                                                                                           \
     }                                                                                                               \
     /* fp32-state tensors (small ones): FAdam's update on float m and f */                                          \
@@ -396,5 +428,9 @@ void hf_fadam8_encode(const float *u, int32_t *q, int64_t n, int signed_map) {
     for (int64_t i = 0; i < n; ++i) q[i] = signed_map ? enc_e3m4(u[i]) : enc_e4m4(u[i]);
 }
 void hf_fadam8_decode(const int32_t *q, float *v, int64_t n, int signed_map) {
-    for (int64_t i = 0; i < n; ++i) v[i] = signed_map ? dec_e3m4(q[i]) : dec_s((uint8_t)q[i]);
+    const int dn = dn_ok(); /* the kernel's decoder on this CPU: through subnormals or the arithmetic one */
+    for (int64_t i = 0; i < n; ++i) {
+        if (dn) v[i] = signed_map ? dec_m_dn((int8_t)q[i]) : dec_s_dn((uint8_t)q[i]);
+        else v[i] = signed_map ? dec_e3m4(q[i]) : dec_s((uint8_t)q[i]);
+    }
 }
