@@ -251,6 +251,29 @@ def test_c_kernel_thread_count_does_not_change_the_result():
             assert x is None or torch.equal(x, y)
 
 
+@needs_c
+def test_c_kernel_same_result_with_denormals_flushed():
+    # The kernel decodes codes through float32 subnormals where the CPU keeps them (DAZ clear), and falls back to
+    # arithmetic decoding where they are flushed: both must give the same bits. One thread: the caller's FP mode.
+    state = _state([(70_000,), (200, 700)], seed=6)
+    outs = []
+    old_threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        for flush in (False, True):
+            if not torch.set_flush_denormal(flush) and flush:
+                pytest.skip("this CPU cannot flush denormals (no DAZ/FTZ)")
+            out = _clone(state)
+            _step("c", out)
+            outs.append(out)
+    finally:
+        torch.set_flush_denormal(False)
+        torch.set_num_threads(old_threads)
+    for a, b in zip(outs[0], outs[1]):
+        for x, y in zip(a, b):
+            assert x is None or torch.equal(x, y)
+
+
 # ------------------------------------------------------------------------------------------------------ reduce hook
 
 

@@ -29,6 +29,7 @@
  * else a shift, an add and a select; encoding ~12 integer/float ops. On a compute-bound
  * single core (the CPUs of the benchmarks here) that codec work, not memory traffic, sets the step time.
  */
+#include <float.h>
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
@@ -113,11 +114,12 @@ static inline float dec_s(uint8_t c) {
 /* The same through float32 subnormals, 3 ops instead of 7: the bits q << 19 are a float32 whose exponent field is
    the code's, and whose subnormal range is the code's, so the code's value is that float times 2^(127 - bias),
    exactly. It needs subnormal float32 inputs read as they are: used only where dn_ok() says so. */
-static inline float dec_m_dn(int8_t c) {
+static inline float dec_m_bits(int8_t c) { /* the float32 of the bits: the m code's value * 2^-120 */
     int32_t ci = c;
     uint32_t a = (uint32_t)(ci < 0 ? -ci : ci);
-    return bits_to_f32((a << 19) | ((uint32_t)ci & 0x80000000u)) * 0x1p120f;
+    return bits_to_f32((a << 19) | ((uint32_t)ci & 0x80000000u));
 }
+static inline float dec_m_dn(int8_t c) { return dec_m_bits(c) * 0x1p120f; }
 static inline float dec_s_dn(uint8_t c) { return bits_to_f32((uint32_t)c << 19) * 0x1p112f; }
 /* Whether this thread may decode through subnormals: x86-64 AMD (whose multiplier takes subnormal inputs without a
    microcode assist; Intel cores may not) with the MXCSR DAZ bit clear (torch.set_flush_denormal(True) sets it).
@@ -135,14 +137,15 @@ static inline int dn_ok(void) {
    subnormal codes round up: ceil(u * 2^18) */
 static inline int32_t enc_e3m4(float u) {
     uint32_t bits = f32_to_bits(u);
-    int32_t nq = (int32_t)((bits + 0x3ffffu + ((bits >> 19) & 1u)) >> 19) - (120 << 4);
+    /* the rebias folded into the rounding constant (it wraps only for u below the normal range, not selected) */
+    int32_t nq = (int32_t)((bits + (0x3ffffu - (120u << 23)) + ((bits >> 19) & 1u)) >> 19);
     int32_t sq = (int32_t)(f32_to_bits(u + 8192.0f) - 0x46000000u); /* bits of 2^13 */
     int32_t q = u < 0.015625f ? sq : nq; /* min normal 2^-6 */
     return q > 127 ? 127 : q;
 }
 static inline int32_t enc_e4m4(float u) {
     uint32_t bits = f32_to_bits(u);
-    int32_t nq = (int32_t)((bits + 0x3ffffu + ((bits >> 19) & 1u)) >> 19) - (112 << 4);
+    int32_t nq = (int32_t)((bits + (0x3ffffu - (112u << 23)) + ((bits >> 19) & 1u)) >> 19);
     int32_t sq = (int32_t)ceilf(u * 262144.0f); /* subnormals round up: a positive s never becomes 0 */
     int32_t q = u < 6.103515625e-05f ? sq : nq;  /* min normal 2^-14 */
     return q > 255 ? 255 : q;
@@ -214,7 +217,8 @@ static void scalars(tscal *s, const fadam8_hparams *hp, const double *sums, int6
             float gv = LDP(g[i]) * gmul;                                                                            \
             float fo;                                                                                               \
             if (quant) {                                                                                            \
-                float so = (dn ? dec_s_dn(((const uint8_t *)fstate)[i]) : dec_s(((const uint8_t *)fstate)[i])) * sc;                                      \
+                const uint8_t c = ((const uint8_t *)fstate)[i];                                                     \
+                float so = (dn ? dec_s_dn(c) : dec_s(c)) * sc;                                                      \
                 fo = so * so;                                                                                       \
             } else {                                                                                                \
                 fo = ((const float *)fstate)[i];                                                                    \
@@ -255,20 +259,22 @@ static void scalars(tscal *s, const fadam8_hparams *hp, const double *sums, int6
         const float gmul = s->gmul, bh = s->bh, omb = s->omb, eps_hat = s->eps_hat, p = s->p;                      \
         const float inv_kg = s->inv_kg, inv_kw = s->inv_kw, b1 = s->b1, omb1 = s->omb1;                            \
         const float neg_lr = s->neg_lr, wd = s->wd;                                                                 \
-        const float ms_old = msc[blk], fs_old = fsc[blk];                                                           \
+        /* dn: the codes' float32 subnormal bits times the scales * 2^120 (m) and * 2^112 (s) (finite: the caller   \
+           checks), the same products as decode * scale */                                                          \
+        const float ms_old = dn ? msc[blk] * 0x1p120f : msc[blk], fs_old = dn ? fsc[blk] * 0x1p112f : fsc[blk];     \
         const int64_t len = bhi - blo;                                                                              \
         float amax_m = 0.0f, amax_s = 0.0f;                                                                         \
         _Pragma("omp simd reduction(max:amax_m,amax_s)") for (int64_t j = 0; j < len; ++j) {                        \
             const int64_t i = blo + j;                                                                              \
             float gv = LDP(g[i]) * gmul;                                                                            \
-            float so = (dn ? dec_s_dn(fc[i]) : dec_s(fc[i])) * fs_old;                                                                       \
+            float so = (dn ? bits_to_f32((uint32_t)fc[i] << 19) : dec_s(fc[i])) * fs_old;                           \
             float fo = so * so;                                                                                     \
             float fn = fo * bh + (gv * gv) * omb;                                                                   \
             float sn = sqrtf(fn);                                                                                   \
             float rd = 1.0f / ((p_half ? sn : powf(fn, p)) + eps_hat);                                              \
             float t = LDP(th[i]);                                                                                   \
             float nb = (gv * rd) * inv_kg;                                                                          \
-            float mo = (dn ? dec_m_dn(mc[i]) : dec_m(mc[i])) * ms_old;                                                                       \
+            float mo = (dn ? dec_m_bits(mc[i]) : dec_m(mc[i])) * ms_old;                                            \
             float mn = mo * b1 + nb * omb1;                                                                         \
             float upd = mn;                                                                                         \
             if (want_w) upd = mn + wd * ((t * rd) * inv_kw);                                                        \
@@ -312,11 +318,12 @@ static void scalars(tscal *s, const fadam8_hparams *hp, const double *sums, int6
         const int dn = dn_ok();                                                                                     \
         for (int64_t blo = lo; blo < hi; blo += bs) {                                                               \
             const int64_t bhi = blo + bs < hi ? blo + bs : hi;                                                      \
-            if (s->p_half && s->want_w && dn)                                                                       \
+            const int dnb = dn && msc[blo / bs] * 0x1p120f <= FLT_MAX && fsc[blo / bs] * 0x1p112f <= FLT_MAX;       \
+            if (s->p_half && s->want_w && dnb)                                                                      \
                 pass_c_block_##NAME(th, g, mc, fc, msc, fsc, blo / bs, blo, bhi, s, 1, 1, 1, mbuf, sbuf);           \
             else if (s->p_half && s->want_w)                                                                        \
                 pass_c_block_##NAME(th, g, mc, fc, msc, fsc, blo / bs, blo, bhi, s, 1, 1, 0, mbuf, sbuf);           \
-            else if (s->p_half && dn)                                                                               \
+            else if (s->p_half && dnb)                                                                              \
                 pass_c_block_##NAME(th, g, mc, fc, msc, fsc, blo / bs, blo, bhi, s, 1, 0, 1, mbuf, sbuf);           \
             else if (s->p_half)                                                                                     \
                 pass_c_block_##NAME(th, g, mc, fc, msc, fsc, blo / bs, blo, bhi, s, 1, 0, 0, mbuf, sbuf);           \

@@ -12,8 +12,9 @@
  *   C  hf_fadam_pass_c_*: from the reduced sums, the clip divisors max(1, RMS/c) in double; f = f_new,
  *      m = b1 m + (1-b1) (g/D)/k1, theta -= lr (m + wd (theta/D)/k2)
  *
- * hf_fadam_step_* runs A, B and C with no reduction (one process), each small tensor's three passes in a row while it
- * is in L1/L2, the large tensors pass-major; it gives the same results as the three passes with an identity reduce.
+ * hf_fadam_step_* runs A, B and C with no reduction (one process), each tensor's three passes in a row while it is in
+ * the cache (a small one on one thread, a large one split across the threads with a barrier between the passes); it
+ * gives the same results as the three passes with an identity reduce.
  *
  * c = cols[i] (or i when cols is NULL) is tensor i's column in the caller's sums buffers, which hold every tensor
  * of the call whatever its dtype pair. Traffic for fp32: A reads g (4 B), B reads g, f, theta (12 B), C reads g,
@@ -247,28 +248,61 @@ static void multi_tensor_apply(const pass_ctx *c, int64_t ntensors, const int64_
     }
 }
 
-/* The whole step with no reduction between the passes (one process): each small tensor goes through A, B and C in
-   one go while it sits in L1/L2 (its sums are final at once); the large ones run pass-major, split across the
-   threads, as in the three exported passes. Same results as A, B, C with an identity reduce. */
+/* One large tensor's three passes back to back, split across the team (the tensor's slices stay in the shared
+   cache between the passes: pass-major over the whole model would stream it from memory three times). Partial sums
+   are added in thread order, exactly as multi_tensor_sums does, so the result equals A, B, C with an identity
+   reduce bit for bit. */
+static void large_tensor_step(const pass_ctx *c, int64_t i, int64_t n, sum_fn a, sum_fn b, apply_fn u,
+                              double *sums1, double *sums2, int nthreads) {
+    double part[3 * MAX_THREADS];
+    const int64_t col = col_of(c, i);
+#pragma omp parallel num_threads(nthreads)
+    {
+        int tid = 0, nthr = 1;
+        PARALLEL_IDS(tid, nthr);
+        int64_t lo = 0, hi = n;
+        if (nthr > 1) split_range(n, tid, nthr, &lo, &hi);
+        double out[2] = {0.0, 0.0};
+        if (lo < hi) a(c, i, lo, hi, out);
+        part[tid] = out[0];
+#pragma omp barrier
+#pragma omp single
+        {
+            double s = 0.0;
+            for (int t = 0; t < nthr; ++t) s += part[t];
+            sums1[col] = s; /* c->sums1 aliases sums1: pass B's scalars read it */
+        } /* (implicit barrier) */
+        out[0] = out[1] = 0.0;
+        if (lo < hi) b(c, i, lo, hi, out);
+        part[MAX_THREADS + 2 * tid] = out[0];
+        part[MAX_THREADS + 2 * tid + 1] = out[1];
+#pragma omp barrier
+#pragma omp single
+        {
+            double sg = 0.0, sw = 0.0;
+            for (int t = 0; t < nthr; ++t) {
+                sg += part[MAX_THREADS + 2 * t];
+                sw += part[MAX_THREADS + 2 * t + 1];
+            }
+            sums2[col] = sg;
+            sums2[c->ncols + col] = sw;
+        } /* (implicit barrier) */
+        if (lo < hi) u(c, i, lo, hi);
+    }
+}
+
+/* The whole step with no reduction between the passes (one process): every tensor goes through A, B and C in one
+   go while it sits in the cache (its sums are final at once): a small one whole on one thread, a large one split
+   across the threads (large_tensor_step). Same results as A, B, C with an identity reduce. */
 static int whole_step(const pass_ctx *c, int64_t ntensors, const int64_t *sizes, sum_fn a, sum_fn b, apply_fn u,
                       double *sums1, double *sums2, int nthreads) {
-    int64_t *large = (int64_t *)malloc(sizeof(int64_t) * (size_t)(ntensors > 0 ? ntensors : 1));
-    if (!large) return -1;
-    int64_t nlarge = 0, small_total = 0;
-    for (int64_t i = 0; i < ntensors; ++i) {
-        large[i] = sizes[i] >= SMALL_NUMEL ? sizes[i] : 0; /* a small tensor is a size-0 no-op for the drivers */
-        nlarge += large[i] > 0;
-        small_total += sizes[i] < SMALL_NUMEL ? sizes[i] : 0;
-    }
-    int rc = 0;
-    if (nlarge > 0) {
-        rc = multi_tensor_sums(c, ntensors, large, 1, a, sums1, nthreads);
-        if (rc == 0) rc = multi_tensor_sums(c, ntensors, large, 2, b, sums2, nthreads);
-        if (rc == 0) multi_tensor_apply(c, ntensors, large, u, nthreads);
-    }
-    free(large);
-    if (rc != 0) return rc;
-    int nt = small_total < SMALL_NUMEL ? 1 : (nthreads < 1 ? 1 : (nthreads > MAX_THREADS ? MAX_THREADS : nthreads));
+    int64_t nlarge = 0;
+    nthreads = plan_threads(ntensors, sizes, nthreads, &nlarge);
+    for (int64_t i = 0; i < ntensors; ++i)
+        if (sizes[i] >= SMALL_NUMEL) large_tensor_step(c, i, sizes[i], a, b, u, sums1, sums2, nthreads);
+    int64_t small_total = 0;
+    for (int64_t i = 0; i < ntensors; ++i) small_total += sizes[i] < SMALL_NUMEL ? sizes[i] : 0;
+    int nt = small_total < SMALL_NUMEL ? 1 : nthreads;
 #pragma omp parallel for schedule(dynamic, 1) num_threads(nt)
     for (int64_t i = 0; i < ntensors; ++i) {
         if (sizes[i] <= 0 || sizes[i] >= SMALL_NUMEL) continue;
