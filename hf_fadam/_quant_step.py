@@ -23,7 +23,7 @@ import torch
 from torch import Tensor
 
 from ._multi_tensor import _is_dtensor
-from ._quant import dequantize_blockwise, quantize_blockwise
+from ._quant import dequantize_blockwise, quantize_blockwise, sr_seeds
 from .functional import fadam
 
 
@@ -115,6 +115,7 @@ def fadam8bit(
     found_inf: Tensor | None = None,
     numels: Sequence[int] | None = None,
     reduce: Callable[[Tensor], object] | None = None,
+    streams: Sequence[int] | None = None,
     lr: float,
     beta1: float,
     beta2: float,
@@ -129,6 +130,8 @@ def fadam8bit(
     ``exp_avgs[i]``/``fishers[i]``: int8 codes of m / uint8 codes of sqrt(f) with float32 ``(num_blocks,)`` scales,
     or float32 m / f with ``None`` scales. ``numels``/``reduce``: see the reduction-hook contract in
     docs/CONTRACT.md (``reduce`` is called exactly twice per call, with float64 (1, n) then (2, n) sums).
+    ``streams``: each tensor's stream of random bits for f's stochastic rounding (:func:`hf_fadam._quant.sr_seeds`;
+    the optimizer passes the parameter's position over all groups); default ``0 .. n-1``.
     """
     hyper = dict(lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay, clip=clip, p=p,
                  maximize=maximize)  # fmt: skip
@@ -137,10 +140,13 @@ def fadam8bit(
         raise RuntimeError("FAdam8bit: grad_scale/found_inf (AMP inside the step) are only supported with fused=True.")
     if not params:
         return
+    streams = list(range(len(params))) if streams is None else list(streams)
+    if len(streams) != len(params):
+        raise ValueError(f"fadam8bit: streams has {len(streams)} entries for {len(params)} params")
     if impl != "fused":
         _dequantized_step(params, grads, exp_avgs, fishers, exp_avg_scales, fisher_scales, state_steps,
                           block_size=block_size, foreach=impl == "foreach", numels=numels, reduce=reduce,
-                          **hyper)  # fmt: skip
+                          streams=streams, **hyper)  # fmt: skip
         return
     devices = {t.device for t in params}
     if len(devices) > 1 and reduce is not None:
@@ -154,7 +160,8 @@ def fadam8bit(
     if len(grouped) > 1 and reduce is not None:
         # One reduce call per phase, whatever the number of dtype groups: run them phase-major on the reference path.
         _dequantized_step(params, grads, exp_avgs, fishers, exp_avg_scales, fisher_scales, state_steps,
-                          block_size=block_size, foreach=True, numels=numels, reduce=reduce, **hyper)  # fmt: skip
+                          block_size=block_size, foreach=True, numels=numels, reduce=reduce, streams=streams,
+                          **hyper)  # fmt: skip
         return
     for (device, _), idx in grouped.items():
         kernel = _fused_kernel_8bit(device)
@@ -165,7 +172,8 @@ def fadam8bit(
         dev_found = None if found_inf is None else found_inf.to(device)
         kernel(
             *sub, block_size=block_size, grad_scale=dev_scale, found_inf=dev_found,
-            numels=None if numels is None else [numels[i] for i in idx], reduce=reduce, **hyper,
+            numels=None if numels is None else [numels[i] for i in idx], reduce=reduce,
+            streams=[streams[i] for i in idx], **hyper,
         )  # fmt: skip
         if dev_found is not None:
             torch._foreach_sub_(steps, [dev_found] * len(steps))
@@ -184,6 +192,7 @@ def _dequantized_step(
     foreach: bool,
     numels: Sequence[int] | None,
     reduce: Callable[[Tensor], object] | None,
+    streams: Sequence[int] | None = None,
     **hyper: float | bool,
 ) -> None:
     """The reference: dequantize → :func:`hf_fadam.functional.fadam` on fp32 temporaries → quantize."""
@@ -199,12 +208,14 @@ def _dequantized_step(
             fs.append(s * s)
     extra = {} if numels is None and reduce is None else {"numels": numels, "reduce": reduce}
     fadam(params, grads, ms, fs, state_steps, foreach=foreach, fused=False, **hyper, **extra)
-    for m, f, msc, fsc, m_new, f_new in zip(exp_avgs, fishers, exp_avg_scales, fisher_scales, ms, fs):
+    streams = range(len(params)) if streams is None else streams
+    seeds = sr_seeds(torch.tensor(list(streams)), torch.stack([t.reshape(()) for t in state_steps]))
+    for i, (m, f, msc, fsc, m_new, f_new) in enumerate(zip(exp_avgs, fishers, exp_avg_scales, fisher_scales, ms, fs)):
         if fsc is None:
             continue
         codes, scales = quantize_blockwise(m_new, block_size, signed=True)
         m.copy_(codes)
         msc.copy_(scales)
-        codes, scales = quantize_blockwise(f_new.sqrt(), block_size, signed=False)
+        codes, scales = quantize_blockwise(f_new.sqrt(), block_size, signed=False, seed=seeds[i].to(f.device))
         f.copy_(codes)
         fsc.copy_(scales)

@@ -110,8 +110,8 @@ class FAdam8bit(FAdam):
     def _quantized(self, param: Tensor, group: dict[str, Any]) -> bool:
         return param.numel() >= group["min_8bit_size"]
 
-    def _init_group_8bit(self, group: dict[str, Any], lists: dict[str, list]) -> None:
-        for param in group["params"]:
+    def _init_group_8bit(self, group: dict[str, Any], lists: dict[str, list], stream0: int) -> None:
+        for j, param in enumerate(group["params"]):
             grad = param.grad
             if grad is None:
                 continue
@@ -151,6 +151,7 @@ class FAdam8bit(FAdam):
             lists["exp_avg_scales"].append(state["exp_avg_scale"] if quant else None)
             lists["fisher_scales"].append(state["fisher_sqrt_scale"] if quant else None)
             lists["state_steps"].append(state["step"])
+            lists["streams"].append(stream0 + j)
 
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> float | None:
@@ -161,10 +162,12 @@ class FAdam8bit(FAdam):
                 loss = closure()
         grad_scale = getattr(self, "grad_scale", None)
         found_inf = getattr(self, "found_inf", None)
+        stream0 = 0  # a parameter's position over all groups: its stream of random bits (f's rounding)
         for group in self.param_groups:
             names = ("params", "grads", "exp_avgs", "fishers", "exp_avg_scales", "fisher_scales", "state_steps")
-            lists: dict[str, list] = {name: [] for name in (*names, "layouts", "numels")}
-            self._init_group_8bit(group, lists)
+            lists: dict[str, list] = {name: [] for name in (*names, "layouts", "numels", "streams")}
+            self._init_group_8bit(group, lists, stream0)
+            stream0 += len(group["params"])
             beta1, beta2 = group["betas"]
             # One call per sharding layout (the plain tensors first), in param order: the same on every rank.
             calls: dict[Any, list[int]] = {}
@@ -179,7 +182,8 @@ class FAdam8bit(FAdam):
                     reduce = make_reduce(mesh, dims)
                     numels = [lists["numels"][i] for i in index]
                 self._step_lists(group, [[lists[name][i] for i in index] for name in names], grad_scale,
-                                 found_inf, beta1, beta2, numels, reduce)  # fmt: skip
+                                 found_inf, beta1, beta2, numels, reduce,
+                                 [lists["streams"][i] for i in index])  # fmt: skip
         return loss
 
     def _step_lists(
@@ -192,11 +196,13 @@ class FAdam8bit(FAdam):
         beta2: float,
         numels: list[int] | None,
         reduce: Callable[[Tensor], object] | None,
+        streams: list[int],
     ) -> None:
         fadam8bit(
             *tensor_lists,
             numels=numels,
             reduce=reduce,
+            streams=streams,
             block_size=group["block_size"],
             foreach=group["foreach"],
             fused=group["fused"],

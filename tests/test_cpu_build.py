@@ -4,7 +4,8 @@ Loading a shared library runs its constructors in this process, so each test tha
 constructor that writes a marker file, and asserts that the marker never appears. Every test runs as a new process
 would (nothing loaded yet), with the cache and the temp dir under ``tmp_path``. The compiler is a stand-in that
 logs each build and copies the kernel this session already built (compiling the real kernel takes seconds), and
-leaves its output with mode 0777, as a linker under a permissive umask may.
+leaves its output with mode 0777, as a linker under a permissive umask may. The last test checks the per-process
+holder of the library (:class:`~hf_fadam.kernels._cpu_build.LazyLibrary`) with a stand-in loader, without a compiler.
 """
 
 from __future__ import annotations
@@ -23,7 +24,6 @@ from hf_fadam.kernels import _cpu_build, cpu_fused
 
 
 REAL_CC = _cpu_build.compiler()
-pytestmark = pytest.mark.skipif(not hasattr(os, "getuid") or REAL_CC is None, reason="POSIX with a C compiler only")
 
 PLANTED_C = r"""
 #include <stdio.h>
@@ -37,6 +37,9 @@ int hf_fadam_abi_version(void) { return 1; }
 
 @pytest.fixture(scope="module")
 def prebuilt(tmp_path_factory):
+    """The kernel this session built; every build-cache test needs it (so POSIX and a C compiler)."""
+    if not hasattr(os, "getuid") or REAL_CC is None:
+        pytest.skip("POSIX with a C compiler only")
     if not cpu_fused.is_available():
         pytest.skip(f"the CPU kernel does not build here: {cpu_fused.unavailable_reason()}")
     copy = tmp_path_factory.mktemp("prebuilt") / "kernel.so"
@@ -76,9 +79,7 @@ def _builds(tmp_path: Path) -> list[str]:
 @pytest.fixture
 def fresh(monkeypatch, tmp_path, prebuilt):
     """A process that has not loaded the kernel yet; cache in tmp_path/cache, system temp dir tmp_path/tmp."""
-    monkeypatch.setattr(cpu_fused, "_lib", None)
-    monkeypatch.setattr(cpu_fused, "_lib_path", None)
-    monkeypatch.setattr(cpu_fused, "_error", None)
+    _new_process(monkeypatch)
     monkeypatch.setattr(_cpu_build, "_process_dir", None, raising=False)
     (tmp_path / "tmp").mkdir(mode=0o700)
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
@@ -90,9 +91,8 @@ def fresh(monkeypatch, tmp_path, prebuilt):
 
 
 def _new_process(monkeypatch):
-    monkeypatch.setattr(cpu_fused, "_lib", None)
-    monkeypatch.setattr(cpu_fused, "_lib_path", None)
-    monkeypatch.setattr(cpu_fused, "_error", None)
+    """Give cpu_fused a holder with nothing loaded and no failure, as in a new process (the old one is restored)."""
+    monkeypatch.setattr(cpu_fused, "_library", _cpu_build.LazyLibrary(cpu_fused._SOURCE, cpu_fused._load_lib))
 
 
 def _key_dir(root: Path, flags_index: int = 0) -> Path:
@@ -227,3 +227,36 @@ def test_only_a_rejected_flag_moves_to_the_next_flag_set(fresh, monkeypatch, pre
     _new_process(monkeypatch)
     assert cpu_fused.is_available()
     assert _builds(fresh) == builds  # the rejection and the build are both cached
+
+
+def test_lazy_library_tries_once_remembers_a_failure_and_caches_the_library(monkeypatch, tmp_path):
+    """The holder itself, with a stand-in loader (the build is a stub here: no compiler is run)."""
+    source = tmp_path / "kernel.c"
+    built = tmp_path / "libkernel.so"
+    monkeypatch.setattr(_cpu_build, "load", lambda src, loader: (loader(built), built))
+    calls = []
+    fail = True
+    lib = object()
+
+    def loader(path):
+        calls.append(path)
+        if fail:
+            raise RuntimeError("no kernel today")
+        return lib
+
+    holder = _cpu_build.LazyLibrary(source, loader)
+    assert holder.path is None and not calls  # nothing is built before first use
+    assert not holder.is_available()
+    assert holder.unavailable_reason() == "no kernel today"
+    with pytest.raises(RuntimeError, match="no kernel today"):
+        holder.get()
+    assert calls == [built] and holder.path is None  # the failure is remembered: one attempt
+
+    fail = False
+    assert not holder.is_available(), "a remembered failure must not be retried without reset()"
+    holder.reset()
+    assert holder.get() is lib and holder.path == built
+    assert holder.is_available() and holder.unavailable_reason() is None
+    assert holder.get() is lib and len(calls) == 2  # cached: the loader ran once more, after reset(), only
+    holder.reset()
+    assert holder.path is None

@@ -13,7 +13,7 @@ import torch
 
 from hf_fadam import FAdam
 from hf_fadam.functional import fadam
-from hf_fadam.kernels import cpu_fused
+from hf_fadam.kernels import _cpu_build, cpu_fused
 
 from _harness import assert_trajectories_close, cpu_backend
 from _tolerances import tolerance
@@ -273,9 +273,7 @@ def test_16bit_conversions_match_torch(dtype):
 @pytest.fixture
 def fresh_loader(monkeypatch, tmp_path):
     """A cpu_fused module state as in a new process (nothing loaded yet), restored afterwards."""
-    monkeypatch.setattr(cpu_fused, "_lib", None)
-    monkeypatch.setattr(cpu_fused, "_lib_path", None)
-    monkeypatch.setattr(cpu_fused, "_error", None)
+    monkeypatch.setattr(cpu_fused, "_library", _cpu_build.LazyLibrary(cpu_fused._SOURCE, cpu_fused._load_lib))
     monkeypatch.setenv("HF_FADAM_CACHE_DIR", str(tmp_path / "cache"))
     monkeypatch.setenv("HF_FADAM_CPU_FUSED_BACKEND", "c")
     return tmp_path / "cache"

@@ -25,6 +25,9 @@ that nobody else can write:
   library would be (``build-failed.txt``, keyed like the build), so a new process does not compile again a flag set
   that the same compiler already rejected; delete the file (or the directory) to retry.
 
+A kernel module holds its library in a :class:`LazyLibrary`, which calls :func:`load` at first use and at most once
+per process, success or failure.
+
 ``HF_FADAM_DISABLE_CPU_KERNEL=1`` makes :func:`load` refuse (the dispatcher then uses the foreach path). On
 platforms without ``os.getuid`` (Windows) the owner and mode checks are skipped.
 """
@@ -40,12 +43,22 @@ import shutil
 import stat
 import subprocess
 import tempfile
+import threading
 import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 
-__all__ = ["FLAG_SETS", "BuildError", "UnsafePathError", "build", "compiler", "key_dir_name", "load"]
+__all__ = [
+    "FLAG_SETS",
+    "BuildError",
+    "LazyLibrary",
+    "UnsafePathError",
+    "build",
+    "compiler",
+    "key_dir_name",
+    "load",
+]
 
 BASE_FLAGS = ["-O3", "-std=c11", "-fPIC", "-shared", "-ffp-contract=off", "-fno-math-errno", "-fno-trapping-math"]
 # Tried in order until one compiles and loads: native ISA + OpenMP, portable + OpenMP, then without the OpenMP
@@ -318,3 +331,60 @@ def load(source: Path, loader: Callable[[Path], ctypes.CDLL]) -> tuple[ctypes.CD
         except (OSError, AttributeError, RuntimeError) as exc:  # e.g. the OpenMP runtime is missing at run time
             errors.append(f"loading {path} failed: {exc}")
     raise RuntimeError("could not build the FAdam CPU kernel; the first attempt:\n" + errors[0])
+
+
+class LazyLibrary:
+    """A C kernel library built and loaded at first use, once per process (thread-safe); a failure is remembered.
+
+    Each kernel module holds one: the first :meth:`get` calls :func:`load` under a lock, later calls return the
+    loaded library without locking. A failure is kept, so a process that cannot build the kernel tries once (a
+    build takes seconds) and every later call raises the same reason at once.
+    """
+
+    def __init__(self, source: Path, loader: Callable[[Path], ctypes.CDLL]) -> None:
+        self._source = source
+        self._loader = loader
+        self._lock = threading.Lock()
+        self._lib: ctypes.CDLL | None = None
+        self._path: Path | None = None
+        self._error: str | None = None
+
+    def get(self) -> ctypes.CDLL:
+        """The loaded library, built on first use; raises ``RuntimeError`` with the reason when it cannot be."""
+        if self._lib is not None:
+            return self._lib
+        with self._lock:
+            if self._lib is not None:
+                return self._lib
+            if self._error is not None:
+                raise RuntimeError(self._error)
+            try:
+                self._lib, self._path = load(self._source, self._loader)
+            except RuntimeError as exc:
+                self._error = str(exc)
+                raise
+            return self._lib
+
+    def is_available(self) -> bool:
+        """True when the library is loaded (or can be built and loaded now); never raises."""
+        try:
+            self.get()
+        except RuntimeError:
+            return False
+        return True
+
+    def unavailable_reason(self) -> str | None:
+        """Why :meth:`is_available` is False (the compiler command and its stderr when the build failed), else None."""
+        return None if self.is_available() else self._error
+
+    @property
+    def path(self) -> Path | None:
+        """The loaded library's path (for diagnostics), or None before the first successful load; never loads."""
+        return self._path
+
+    def reset(self) -> None:
+        """Forget the library and any failure, as in a new process (tests); the next :meth:`get` loads again."""
+        with self._lock:
+            self._lib = None
+            self._path = None
+            self._error = None

@@ -16,8 +16,10 @@
  * the (local) sums over processes in between (the reduction-hook contract of docs/CONTRACT.md).
  *
  * Tensors whose state is fp32 (below min_8bit_size; their scale pointers are NULL) run the same three passes on
- * float m and f. Codes are encoded with the bit operations of _quant.MiniFloat.encode (round to nearest even),
- * bit for bit the torch reference given the same float input. The build uses -ffp-contract=off.
+ * float m and f. Codes are encoded with the bit operations of _quant.MiniFloat.encode, bit for bit the torch
+ * reference given the same float input: m rounds to nearest even, f stochastically with the counter-based random
+ * bits of _quant.sr_bits (r = lowbias32(element index ^ seed), one seed per tensor and step from the caller). The
+ * build uses -ffp-contract=off.
  *
  * Non-finite values: a NaN in m_new or s_new can only come from a NaN/inf gradient or an already non-finite state,
  * and either makes a per-tensor sum (and so eps_hat or a clip divisor) non-finite. So pass C takes each block's
@@ -38,9 +40,10 @@
 #include <omp.h>
 #endif
 
-#define HF_FADAM8_ABI 1
+#define HF_FADAM8_ABI 2
 #define MAX_BLOCK 4096
 #define CHUNK_TARGET 32768
+#define SMALL_NUMEL 65536 /* one process: tensors below this go whole to one thread, larger ones across the team */
 
 typedef struct {
     double lr, beta1, eps, weight_decay, clip, p, grad_scale;
@@ -153,6 +156,25 @@ static inline int32_t enc_e4m4(float u) {
 /* the same for any u: NaN -> 0 (its block's scale is NaN or inf, so the block decodes to NaN either way) */
 static inline int32_t enc_e3m4_any(float u) { return u == u ? enc_e3m4(u) : 0; }
 static inline int32_t enc_e4m4_any(float u) { return u == u ? enc_e4m4(u) : 0; }
+/* C. Wellons' lowbias32: the random bits of f's stochastic rounding (see _quant.py) */
+static inline uint32_t lowbias32(uint32_t x) {
+    x ^= x >> 16;
+    x *= 0x7feb352du;
+    x ^= x >> 15;
+    x *= 0x846ca68bu;
+    x ^= x >> 16;
+    return x;
+}
+/* the f map with stochastic rounding in the normal range: the 19 mantissa bits below the kept 4 plus a uniform
+   integer in [0, 2^19) (r >> 13), truncated, and the rebias (a multiple of 2^19) folded in; subnormals round up */
+static inline int32_t enc_e4m4_sr(float u, uint32_t r) {
+    uint32_t bits = f32_to_bits(u);
+    int32_t nq = (int32_t)((bits + (r >> 13) - (112u << 23)) >> 19);
+    int32_t sq = (int32_t)ceilf(u * 262144.0f);
+    int32_t q = u < 6.103515625e-05f ? sq : nq;
+    return q > 255 ? 255 : q;
+}
+static inline int32_t enc_e4m4_sr_any(float u, uint32_t r) { return u == u ? enc_e4m4_sr(u, r) : 0; }
 static inline float nan_max(float a, float x) { return (x > a || x != x) ? x : a; }
 
 /* ---------------------------------------------------------------- per tensor scalars */
@@ -160,10 +182,12 @@ static inline float nan_max(float a, float x) { return (x > a || x != x) ? x : a
 typedef struct {
     float gmul, bh, omb, eps_hat, inv_kg, inv_kw, p, b1, omb1, neg_lr, wd;
     int p_half, want_w, finite;
+    uint32_t seed; /* f's stochastic rounding: r = lowbias32(element index ^ seed) */
 } tscal;
 
 static void scalars(tscal *s, const fadam8_hparams *hp, const double *sums, int64_t n, int64_t i, double lnumel,
-                    double bh, int phase) {
+                    double bh, int64_t seed, int phase) {
+    s->seed = (uint32_t)seed;
     const double inv_scale = hp->has_grad_scale ? 1.0 / hp->grad_scale : 1.0;
     s->gmul = (float)(hp->maximize ? -inv_scale : inv_scale);
     s->bh = (float)bh;
@@ -192,33 +216,44 @@ static void scalars(tscal *s, const fadam8_hparams *hp, const double *sums, int6
     }
 }
 
+/* tensor i's sums from its chunks' partials [c0, c1), added in chunk order (so independent of the thread count):
+   after phase 1 sums[i] = sum g^2; after phase 2 sums[n + i], sums[2n + i] = sum (g/D)^2, sum (theta/D)^2 */
+static void combine_sums(int phase, int64_t i, int64_t c0, int64_t c1, const double *part, double *sums, int64_t n) {
+    double a = 0.0, b = 0.0;
+    for (int64_t c = c0; c < c1; ++c) a += part[2 * c];
+    if (phase == 2)
+        for (int64_t c = c0; c < c1; ++c) b += part[2 * c + 1];
+    if (phase == 1) {
+        sums[i] = a;
+    } else {
+        sums[n + i] = a;
+        sums[2 * n + i] = b;
+    }
+}
+
 /* ---------------------------------------------------------------- passes, per param storage type */
 #define DEFINE_PASSES(NAME, PT, LDP, STP)                                                                          \
     static double pass_a_##NAME(const PT *g, int64_t lo, int64_t hi, float gmul) {                                 \
         double s = 0.0;                                                                                             \
         _Pragma("omp simd reduction(+:s)") for (int64_t i = lo; i < hi; ++i) {                                      \
             float v = LDP(g[i]) * gmul;                                                                             \
-            float sq = v * v;                                                                                       \
-            s += (double)sq;                                                                                        \
+            s += (double)v * (double)v; /* squared in double: no underflow or overflow */                           \
         }                                                                                                           \
         return s;                                                                                                   \
     }                                                                                                               \
-    /* f_old for element i: decoded s squared (8-bit) or the float state */                                        \
-    static inline __attribute__((always_inline)) void pass_b_impl_##NAME(                                          \
-        const PT *th, const PT *g, const void *fstate, const float *fsc, int64_t bs, int64_t lo, int64_t hi,       \
-        const tscal *s, const int quant, const int p_half, const int want_w, const int dn, double *out) {           \
+    /* elements [lo, hi) of one block (8-bit: scale sc, or sc * 2^112 when dn) or of an fp32-state range: the       \
+       sums of (g/D)^2 and (theta/D)^2 added to ab[0], ab[1]; f_old is the decoded s squared or the float state */  \
+    static inline __attribute__((always_inline)) void pass_b_range_##NAME(                                          \
+        const PT *th, const PT *g, const void *fstate, float sc, int64_t lo, int64_t hi, const tscal *s,            \
+        const int quant, const int p_half, const int want_w, const int dn, double *ab) {                            \
         double a = 0.0, b = 0.0;                                                                                    \
-        const float gmul = s->gmul, bh = s->bh, omb = s->omb, eps_hat = s->eps_hat, p = s->p;                      \
-        /* per block: its scale, then the vectorized elements */                                               \
-        for (int64_t blo = lo; blo < hi; blo += bs) {                                                               \
-        const int64_t bhi = blo + bs < hi ? blo + bs : hi;                                                          \
-        const float sc = quant ? fsc[blo / bs] : 0.0f;                                                              \
-        _Pragma("omp simd reduction(+:a,b)") for (int64_t i = blo; i < bhi; ++i) {                                  \
+        const float gmul = s->gmul, bh = s->bh, omb = s->omb, eps_hat = s->eps_hat, p = s->p;                       \
+        _Pragma("omp simd reduction(+:a,b)") for (int64_t i = lo; i < hi; ++i) {                                    \
             float gv = LDP(g[i]) * gmul;                                                                            \
             float fo;                                                                                               \
             if (quant) {                                                                                            \
                 const uint8_t c = ((const uint8_t *)fstate)[i];                                                     \
-                float so = (dn ? dec_s_dn(c) : dec_s(c)) * sc;                                                      \
+                float so = (dn ? bits_to_f32((uint32_t)c << 19) : dec_s(c)) * sc;                                   \
                 fo = so * so;                                                                                       \
             } else {                                                                                                \
                 fo = ((const float *)fstate)[i];                                                                    \
@@ -226,17 +261,36 @@ static void scalars(tscal *s, const fadam8_hparams *hp, const double *sums, int6
             float fn = fo * bh + (gv * gv) * omb;                                                                   \
             float rd = 1.0f / ((p_half ? sqrtf(fn) : powf(fn, p)) + eps_hat);                                       \
             float nb = gv * rd;                                                                                     \
-            float nb2 = nb * nb;                                                                                    \
-            a += (double)nb2;                                                                                       \
+            a += (double)nb * (double)nb;                                                                           \
             if (want_w) {                                                                                           \
                 float w = LDP(th[i]) * rd;                                                                          \
-                float w2 = w * w;                                                                                   \
-                b += (double)w2;                                                                                    \
+                b += (double)w * (double)w;                                                                         \
             }                                                                                                       \
         }                                                                                                           \
+        ab[0] += a;                                                                                                 \
+        ab[1] += b;                                                                                                 \
+    }                                                                                                               \
+    /* pass B over [lo, hi) (whole blocks but the tensor's last), block by block for 8-bit state: a block decodes   \
+       through float32 subnormals (dn, scale folded with 2^112, the same products) when the CPU allows it and the   \
+       folded scale is finite */                                                                                    \
+    static inline __attribute__((always_inline)) void pass_b_impl_##NAME(                                           \
+        const PT *th, const PT *g, const void *fstate, const float *fsc, int64_t bs, int64_t lo, int64_t hi,        \
+        const tscal *s, const int quant, const int p_half, const int want_w, const int dn, double *out) {           \
+        double ab[2] = {0.0, 0.0};                                                                                  \
+        if (!quant) {                                                                                               \
+            pass_b_range_##NAME(th, g, fstate, 0.0f, lo, hi, s, 0, p_half, want_w, 0, ab);                          \
+        } else {                                                                                                    \
+            for (int64_t blo = lo; blo < hi; blo += bs) {                                                           \
+                const int64_t bhi = blo + bs < hi ? blo + bs : hi;                                                  \
+                const float sc = fsc[blo / bs];                                                                     \
+                if (dn && sc * 0x1p112f <= FLT_MAX)                                                                 \
+                    pass_b_range_##NAME(th, g, fstate, sc * 0x1p112f, blo, bhi, s, 1, p_half, want_w, 1, ab);       \
+                else                                                                                                \
+                    pass_b_range_##NAME(th, g, fstate, sc, blo, bhi, s, 1, p_half, want_w, 0, ab);                  \
+            }                                                                                                       \
         }                                                                                                           \
-        out[0] = a;                                                                                                 \
-        out[1] = b;                                                                                                 \
+        out[0] = ab[0];                                                                                             \
+        out[1] = ab[1];                                                                                             \
     }                                                                                                               \
     static void pass_b_##NAME(const PT *th, const PT *g, const void *fstate, const float *fsc, int64_t bs,         \
                               int64_t lo, int64_t hi, const tscal *s, double *out) {                                \
@@ -259,6 +313,7 @@ static void scalars(tscal *s, const fadam8_hparams *hp, const double *sums, int6
         const float gmul = s->gmul, bh = s->bh, omb = s->omb, eps_hat = s->eps_hat, p = s->p;                      \
         const float inv_kg = s->inv_kg, inv_kw = s->inv_kw, b1 = s->b1, omb1 = s->omb1;                            \
         const float neg_lr = s->neg_lr, wd = s->wd;                                                                 \
+        const uint32_t seed = s->seed;                                                                              \
         /* dn: the codes' float32 subnormal bits times the scales * 2^120 (m) and * 2^112 (s) (finite: the caller   \
            checks), the same products as decode * scale */                                                          \
         const float ms_old = dn ? msc[blk] * 0x1p120f : msc[blk], fs_old = dn ? fsc[blk] * 0x1p112f : fsc[blk];     \
@@ -286,7 +341,7 @@ static void scalars(tscal *s, const fadam8_hparams *hp, const double *sums, int6
             amax_s = sn > amax_s ? sn : amax_s;                                                                     \
         }                                                                                                           \
         /* A NaN in m or s implies a non-finite per-tensor sum (see the header), so a block is checked for NaN     \
-           only when s->finite is 0, or when its maxima overflowed */                                                \
+           only when s->finite is 0, or when its maxima overflowed */                                               \
         if (!s->finite || !(amax_m <= 3.4e38f && amax_s <= 3.4e38f)) {                                              \
             amax_m = amax_s = 0.0f;                                                                                 \
             for (int64_t j = 0; j < len; ++j) {                                                                     \
@@ -297,7 +352,8 @@ static void scalars(tscal *s, const fadam8_hparams *hp, const double *sums, int6
             for (int64_t j = 0; j < len; ++j) {                                                                     \
                 int32_t q = enc_e3m4_any(fabsf(mbuf[j]) * im);                                                      \
                 mc[blo + j] = (int8_t)(mbuf[j] < 0.0f ? -q : q);                                                    \
-                fc[blo + j] = (uint8_t)enc_e4m4_any(sbuf[j] * is);                                                  \
+                fc[blo + j] = (uint8_t)enc_e4m4_sr_any(sbuf[j] * is,                                                \
+                    lowbias32((uint32_t)(blo + j) ^ seed));                                                         \
             }                                                                                                       \
         } else {                                                                                                    \
             const float inv_m = amax_m > 0.0f ? VMAX / amax_m : 0.0f;                                               \
@@ -306,7 +362,8 @@ static void scalars(tscal *s, const fadam8_hparams *hp, const double *sums, int6
                 float mv = mbuf[j];                                                                                 \
                 int32_t q = enc_e3m4(fabsf(mv) * inv_m);                                                            \
                 mc[blo + j] = (int8_t)(mv < 0.0f ? -q : q);                                                         \
-                fc[blo + j] = (uint8_t)enc_e4m4(sbuf[j] * inv_s);                                                   \
+                fc[blo + j] = (uint8_t)enc_e4m4_sr(sbuf[j] * inv_s,                                                 \
+                    lowbias32((uint32_t)(blo + j) ^ seed));                                                         \
             }                                                                                                       \
         }                                                                                                           \
         msc[blk] = amax_m / VMAX;                                                                                   \
@@ -351,12 +408,13 @@ static void scalars(tscal *s, const fadam8_hparams *hp, const double *sums, int6
     static void run_chunk_##NAME(int phase, int64_t c, const int64_t *ctid, const int64_t *cstart, int64_t cs,     \
                                  void *const *params, void *const *grads, void *const *ms, void *const *fs,         \
                                  float *const *msc, float *const *fsc, const int64_t *numels,                       \
-                                 const double *lnumels, const double *bhat, const double *sums, int64_t n,          \
+                                 const double *lnumels, const double *bhat, const int64_t *seeds,                   \
+                                 const double *sums, int64_t n,                                                     \
                                  const fadam8_hparams *hp, double *part) {                                          \
         const int64_t i = ctid[c], lo = cstart[c];                                                                  \
         const int64_t hi = lo + cs < numels[i] ? lo + cs : numels[i];                                               \
         tscal s;                                                                                                    \
-        scalars(&s, hp, sums, n, i, lnumels[i], bhat[i], phase);                                                    \
+        scalars(&s, hp, sums, n, i, lnumels[i], bhat[i], seeds[i], phase);                                          \
         PT *th = (PT *)params[i];                                                                                   \
         const PT *g = (const PT *)grads[i];                                                                         \
         if (phase == 1) {                                                                                           \
@@ -372,7 +430,8 @@ static void scalars(tscal *s, const fadam8_hparams *hp, const double *sums, int6
                                                                                                                     \
     int hf_fadam8_step_##NAME(int64_t n, void *const *params, void *const *grads, void *const *ms,                 \
                               void *const *fs, float *const *msc, float *const *fsc, const int64_t *numels,        \
-                              const double *lnumels, const double *bhat, double *sums, const fadam8_hparams *hp,   \
+                              const double *lnumels, const double *bhat, const int64_t *seeds, double *sums,        \
+                              const fadam8_hparams *hp,                                                             \
                               int phase, int nthreads) {                                                            \
         const int64_t bs = hp->block_size;                                                                          \
         if (bs < 1 || bs > MAX_BLOCK) return -1;                                                                    \
@@ -397,30 +456,62 @@ static void scalars(tscal *s, const fadam8_hparams *hp, const double *sums, int6
             }                                                                                                       \
         if (nthreads < 1) nthreads = 1;                                                                             \
         if (total < 2 * CHUNK_TARGET || nchunks < 2) nthreads = 1;                                                  \
-        const int first = phase == 0 ? 1 : phase, last = phase == 0 ? 3 : phase;                                   \
-        _Pragma("omp parallel num_threads(nthreads)") {                                                             \
-            for (int ph = first; ph <= last; ++ph) {                                                                \
-                _Pragma("omp for schedule(dynamic, 1)") for (int64_t c = 0; c < nchunks; ++c)                       \
-                    run_chunk_##NAME(ph, c, ctid, cstart, cs, params, grads, ms, fs, msc, fsc, numels, lnumels,    \
-                                     bhat, sums, n, hp, part);                                                      \
-                if (ph < 3) {                                                                                       \
-                    /* combine the chunk partials in chunk order (deterministic); implicit barrier after */         \
-                    _Pragma("omp single") {                                                                         \
-                        for (int64_t i = 0; i < n; ++i) {                                                           \
-                            if (ph == 1) sums[i] = 0.0;                                                             \
-                            else sums[n + i] = sums[2 * n + i] = 0.0;                                               \
-                        }                                                                                           \
-                        for (int64_t c = 0; c < nchunks; ++c) {                                                     \
-                            if (ph == 1) sums[ctid[c]] += part[2 * c];                                              \
-                            else {                                                                                  \
-                                sums[n + ctid[c]] += part[2 * c];                                                   \
-                                sums[2 * n + ctid[c]] += part[2 * c + 1];                                           \
-                            }                                                                                       \
+        if (phase == 0) {                                                                                           \
+            /* one process: each tensor's A, B and C back to back while its data is in the cache; a large           \
+               tensor's chunks split across the team (contiguous ranges), a small one whole on one thread.          \
+               The sums are combined in chunk order exactly as below, so the result equals phases 1, 2, 3           \
+               with an identity reduce, bit for bit. */                                                             \
+            int64_t *cfirst = (int64_t *)malloc(sizeof(int64_t) * (size_t)(n + 1));                                 \
+            if (cfirst == NULL) {                                                                                   \
+                free(ctid);                                                                                         \
+                free(part);                                                                                         \
+                return -2;                                                                                          \
+            }                                                                                                       \
+            for (int64_t i = 0, c = 0; i <= n; ++i) {                                                               \
+                cfirst[i] = c;                                                                                      \
+                if (i < n) c += (numels[i] + cs - 1) / cs;                                                          \
+            }                                                                                                       \
+            for (int64_t i = 0; i < n && nthreads > 1; ++i) {                                                       \
+                if (numels[i] < SMALL_NUMEL) continue;                                                              \
+                const int64_t c0 = cfirst[i], c1 = cfirst[i + 1];                                                   \
+                _Pragma("omp parallel num_threads(nthreads)") {                                                     \
+                    for (int ph = 1; ph <= 3; ++ph) {                                                               \
+                        _Pragma("omp for schedule(static)") for (int64_t c = c0; c < c1; ++c)                       \
+                            run_chunk_##NAME(ph, c, ctid, cstart, cs, params, grads, ms, fs, msc, fsc, numels,      \
+                                             lnumels, bhat, seeds, sums, n, hp, part);                              \
+                        if (ph < 3) {                                                                               \
+                            _Pragma("omp single") combine_sums(ph, i, c0, c1, part, sums, n);                       \
                         }                                                                                           \
                     }                                                                                               \
                 }                                                                                                   \
             }                                                                                                       \
+            const int nsmall = nthreads > 1 ? nthreads : 1;                                                         \
+            _Pragma("omp parallel for schedule(dynamic, 1) num_threads(nsmall)") for (int64_t i = 0; i < n; ++i) {  \
+                if (nthreads > 1 && numels[i] >= SMALL_NUMEL) continue;                                             \
+                const int64_t c0 = cfirst[i], c1 = cfirst[i + 1];                                                   \
+                for (int ph = 1; ph <= 3; ++ph) {                                                                   \
+                    for (int64_t c = c0; c < c1; ++c)                                                               \
+                        run_chunk_##NAME(ph, c, ctid, cstart, cs, params, grads, ms, fs, msc, fsc, numels,          \
+                                         lnumels, bhat, seeds, sums, n, hp, part);                                  \
+                    if (ph < 3) combine_sums(ph, i, c0, c1, part, sums, n);                                         \
+                }                                                                                                   \
+            }                                                                                                       \
+            free(cfirst);                                                                                           \
+            free(ctid);                                                                                             \
+            free(part);                                                                                             \
+            return 0;                                                                                               \
         }                                                                                                           \
+        /* one phase (the caller reduces the sums in between) */                                                    \
+        _Pragma("omp parallel for schedule(dynamic, 1) num_threads(nthreads)") for (int64_t c = 0; c < nchunks; ++c)\
+            run_chunk_##NAME(phase, c, ctid, cstart, cs, params, grads, ms, fs, msc, fsc, numels, lnumels, bhat,    \
+                             seeds, sums, n, hp, part);                                                             \
+        /* combine the chunk partials in chunk order (deterministic) */                                             \
+        if (phase < 3)                                                                                              \
+            for (int64_t i = 0, c = 0; i < n; ++i) {                                                                \
+                const int64_t c1 = c + (numels[i] + cs - 1) / cs;                                                   \
+                combine_sums(phase, i, c, c1, part, sums, n);                                                       \
+                c = c1;                                                                                             \
+            }                                                                                                       \
         free(ctid);                                                                                                 \
         free(part);                                                                                                 \
         return 0;                                                                                                   \
@@ -430,9 +521,12 @@ DEFINE_PASSES(f32, float, ID, ID)
 DEFINE_PASSES(bf16, uint16_t, bf16_load, bf16_store)
 DEFINE_PASSES(f16, uint16_t, f16_load, f16_store)
 
-/* test hooks: the maps, element by element */
-void hf_fadam8_encode(const float *u, int32_t *q, int64_t n, int signed_map) {
-    for (int64_t i = 0; i < n; ++i) q[i] = signed_map ? enc_e3m4(u[i]) : enc_e4m4(u[i]);
+/* test hooks: the maps, element by element; sr: the f map's stochastic rounding with r = lowbias32(i ^ seed) */
+void hf_fadam8_encode(const float *u, int32_t *q, int64_t n, int signed_map, int sr, int64_t seed) {
+    for (int64_t i = 0; i < n; ++i)
+        q[i] = signed_map ? enc_e3m4(u[i])
+               : sr       ? enc_e4m4_sr(u[i], lowbias32((uint32_t)i ^ (uint32_t)seed))
+                          : enc_e4m4(u[i]);
 }
 void hf_fadam8_decode(const int32_t *q, float *v, int64_t n, int signed_map) {
     const int dn = dn_ok(); /* the kernel's decoder on this CPU: through subnormals or the arithmetic one */

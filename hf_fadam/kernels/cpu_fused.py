@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import ctypes
 import functools
-import threading
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -63,12 +62,6 @@ class _HParams(ctypes.Structure):
     ]
 
 
-_lock = threading.Lock()
-_lib: ctypes.CDLL | None = None
-_lib_path: Path | None = None
-_error: str | None = None
-
-
 def _load_lib(path: Path) -> ctypes.CDLL:
     lib = ctypes.CDLL(str(path))
     if lib.hf_fadam_abi_version() != _ABI:
@@ -89,41 +82,28 @@ def _load_lib(path: Path) -> ctypes.CDLL:
     return lib
 
 
+# The kernel library of this process: built and loaded at first use, a failure remembered (one attempt).
+_library = _cpu_build.LazyLibrary(_SOURCE, _load_lib)
+
+
 def _get_lib() -> ctypes.CDLL:
     """The loaded kernel library, built on first use; raises RuntimeError with the reason when it cannot be."""
-    global _lib, _lib_path, _error
-    if _lib is not None:
-        return _lib
-    with _lock:
-        if _lib is not None:
-            return _lib
-        if _error is not None:
-            raise RuntimeError(_error)
-        try:
-            _lib, _lib_path = _cpu_build.load(_SOURCE, _load_lib)
-        except RuntimeError as exc:
-            _error = str(exc)
-            raise
-        return _lib
+    return _library.get()
 
 
 def is_available() -> bool:
     """True when the CPU kernel is built (or can be built now) and loads; never raises."""
-    try:
-        _get_lib()
-    except RuntimeError:
-        return False
-    return True
+    return _library.is_available()
 
 
 def unavailable_reason() -> str | None:
     """Why :func:`is_available` is False (the compiler command and its stderr when the build failed), else None."""
-    return None if is_available() else _error
+    return _library.unavailable_reason()
 
 
 def library_path() -> Path | None:
     """The loaded library (for diagnostics), or None before the first successful load."""
-    return _lib_path
+    return _library.path
 
 
 def is_supported(param_dtype: torch.dtype, state_dtype: torch.dtype) -> bool:

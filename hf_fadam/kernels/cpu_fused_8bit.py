@@ -12,7 +12,6 @@ The build (compiler, flags, private cache) is :mod:`hf_fadam.kernels._cpu_build`
 from __future__ import annotations
 
 import ctypes
-import threading
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -20,12 +19,14 @@ import torch
 from torch import Tensor
 
 from .._math import fisher_beta
+from .._quant import sr_seeds
+from . import _cpu_build
 
 
 __all__ = ["fadam8bit_cpu_", "is_available", "is_supported", "unavailable_reason"]
 
 _SOURCE = Path(__file__).with_name("_fadam8bit_cpu.c")
-_ABI = 1
+_ABI = 2
 _KERNELS = {torch.float32: "f32", torch.bfloat16: "bf16", torch.float16: "f16"}
 MAX_BLOCK = 4096
 
@@ -45,11 +46,6 @@ class _HParams(ctypes.Structure):
     ]
 
 
-_lock = threading.Lock()
-_lib: ctypes.CDLL | None = None
-_error: str | None = None
-
-
 def _loader(path: Path) -> ctypes.CDLL:
     lib = ctypes.CDLL(str(path))
     if lib.hf_fadam8_abi_version() != _ABI:
@@ -59,8 +55,8 @@ def _loader(path: Path) -> ctypes.CDLL:
     for suffix in _KERNELS.values():
         fn = getattr(lib, f"hf_fadam8_step_{suffix}")
         fn.argtypes = [
-            ctypes.c_int64, vp, vp, vp, vp, vp, vp, ctypes.POINTER(ctypes.c_int64), dp, dp, dp,
-            ctypes.POINTER(_HParams), ctypes.c_int, ctypes.c_int,
+            ctypes.c_int64, vp, vp, vp, vp, vp, vp, ctypes.POINTER(ctypes.c_int64), dp, dp,
+            ctypes.POINTER(ctypes.c_int64), dp, ctypes.POINTER(_HParams), ctypes.c_int, ctypes.c_int,
         ]  # fmt: skip
         fn.restype = ctypes.c_int
     for name in ("hf_fadam8_encode", "hf_fadam8_decode"):
@@ -68,37 +64,23 @@ def _loader(path: Path) -> ctypes.CDLL:
     return lib
 
 
-def _get_lib() -> ctypes.CDLL:
-    global _lib, _error
-    if _lib is not None:
-        return _lib
-    with _lock:
-        if _lib is not None:
-            return _lib
-        if _error is not None:
-            raise RuntimeError(_error)
-        from . import _cpu_build
+# The kernel library of this process: built and loaded at first use, a failure remembered (one attempt).
+_library = _cpu_build.LazyLibrary(_SOURCE, _loader)
 
-        try:
-            _lib, _ = _cpu_build.load(_SOURCE, _loader)
-        except RuntimeError as exc:
-            _error = str(exc)
-            raise
-        return _lib
+
+def _get_lib() -> ctypes.CDLL:
+    """The loaded 8-bit kernel library, built on first use; raises RuntimeError with the reason when it cannot be."""
+    return _library.get()
 
 
 def is_available() -> bool:
     """True when the 8-bit CPU kernel is built (or can be built now) and loads; never raises."""
-    try:
-        _get_lib()
-    except RuntimeError:
-        return False
-    return True
+    return _library.is_available()
 
 
 def unavailable_reason() -> str | None:
     """Why :func:`is_available` is False, else None."""
-    return None if is_available() else _error
+    return _library.unavailable_reason()
 
 
 def is_supported(param_dtype: torch.dtype) -> bool:
@@ -106,13 +88,17 @@ def is_supported(param_dtype: torch.dtype) -> bool:
     return param_dtype in _KERNELS
 
 
-def encode(u: Tensor, signed: bool) -> Tensor:
-    """The kernel's encoder on float32 values (test hook): int32 codes of the m map (signed) or the f map."""
+def encode(u: Tensor, signed: bool, seed: int | None = None) -> Tensor:
+    """The kernel's encoder on float32 values (test hook): int32 codes of the m map (signed) or the f map.
+
+    ``seed``: the f map's stochastic rounding with the random bits of element ``i`` = ``lowbias32(i ^ seed)``.
+    """
     lib = _get_lib()
     u = u.to(torch.float32).contiguous()
     q = torch.empty(u.shape, dtype=torch.int32)
     lib.hf_fadam8_encode(ctypes.c_void_p(u.data_ptr()), ctypes.c_void_p(q.data_ptr()), ctypes.c_int64(u.numel()),
-                         ctypes.c_int(int(signed)))  # fmt: skip
+                         ctypes.c_int(int(signed)), ctypes.c_int(seed is not None),
+                         ctypes.c_int64(0 if seed is None else int(seed)))  # fmt: skip
     return q
 
 
@@ -153,13 +139,15 @@ def fadam8bit_cpu_(
     found_inf: Tensor | None = None,
     numels: Sequence[int] | None = None,
     reduce: Callable[[Tensor], object] | None = None,
+    streams: Sequence[int] | None = None,
 ) -> None:
     """One FAdam8bit step for CPU tensors of one param dtype, in place; ``steps`` are already incremented.
 
     Tensor ``i`` has 8-bit state when ``fisher_scales[i]`` is not None: ``exp_avgs[i]`` int8 codes,
     ``fishers[i]`` uint8 codes of sqrt(f), the scales float32 ``(num_blocks,)``; otherwise float32 ``exp_avg`` and
     ``fisher``. ``numels``/``reduce``: the reduction-hook contract (``reduce`` is called twice, with float64
-    ``(1, n)`` then ``(2, n)`` sums). ``found_inf != 0`` leaves everything unchanged.
+    ``(1, n)`` then ``(2, n)`` sums). ``found_inf != 0`` leaves everything unchanged. ``streams``: each tensor's
+    stream of random bits for f's stochastic rounding (:func:`hf_fadam._quant.sr_seeds`; default ``0 .. n-1``).
     """
     n = len(params)
     if not (len(grads) == len(exp_avgs) == len(fishers) == len(exp_avg_scales) == len(fisher_scales) == n):
@@ -194,7 +182,9 @@ def fadam8bit_cpu_(
                 lst[i] = c
     local = [t.numel() for t in params]
     logical = local if numels is None else list(numels)
-    beta_hat = fisher_beta(beta2, torch.stack(steps)).to("cpu", torch.float64).contiguous()
+    step_t = torch.stack([t.reshape(()) for t in steps])
+    beta_hat = fisher_beta(beta2, step_t).to("cpu", torch.float64).contiguous()
+    seeds = sr_seeds(torch.tensor(list(range(n)) if streams is None else list(streams)), step_t).cpu().contiguous()
     sums = torch.zeros((3, n), dtype=torch.float64)
     hp = _HParams(
         lr=float(lr), beta1=beta1, eps=eps, weight_decay=weight_decay, clip=clip, p=p,
@@ -207,6 +197,7 @@ def fadam8bit_cpu_(
         (ctypes.c_int64 * n)(*local),
         ctypes.cast(lnum.data_ptr(), ctypes.POINTER(ctypes.c_double)),
         ctypes.cast(beta_hat.data_ptr(), ctypes.POINTER(ctypes.c_double)),
+        ctypes.cast(seeds.data_ptr(), ctypes.POINTER(ctypes.c_int64)),
         ctypes.cast(sums.data_ptr(), ctypes.POINTER(ctypes.c_double)),
         ctypes.byref(hp),
     ]  # fmt: skip

@@ -8,7 +8,7 @@ launched three times (``PHASE`` 0, 1, 2) with the reduce hook in between:
    ``sums[1, t] += Σ (g/D)²`` and ``sums[2, t] += Σ (θ/D)²``.
 2. ``m_new``, ``s_new = sqrt(f_new)`` and θ in registers; the block's absmax of m_new and max of s_new (NaN kept);
    codes and the two scales written (``hf_fadam._quant``'s maps: the same bit operations as the torch reference and
-   the C kernel). Tensors with fp32 state (no scales) store m and f directly.
+   the C kernel; f rounds stochastically with ``lowbias32(element index ^ seed)``, one seed per tensor and step). Tensors with fp32 state (no scales) store m and f directly.
 
 Params fp32, bf16 or fp16; the math is fp32 (sums and per-tensor scalars in float64). The host side builds two small
 int64 tables per call (chunk → tensor/offset; the addresses of param, grad, m, f and the two scales); the float
@@ -24,6 +24,7 @@ import torch
 from torch import Tensor
 
 from .._math import fisher_beta
+from .._quant import sr_seeds
 
 
 __all__ = ["fadam8bit_triton_", "is_available"]
@@ -67,6 +68,28 @@ if triton is not None:
         return tl.where(u == u, q, 0)
 
     @triton.jit
+    def _lowbias32(x):
+        # C. Wellons' lowbias32 on uint32 (wrapping multiplies): f's stochastic rounding bits (hf_fadam._quant)
+        x = x ^ (x >> 16)
+        x = x * 0x7FEB352D
+        x = x ^ (x >> 15)
+        x = x * 0x846CA68B
+        return x ^ (x >> 16)
+
+    @triton.jit
+    def _encode_f_sr(u, r):
+        # the f map (E4M4, bias 15) with stochastic rounding in the normal range: the 19 mantissa bits below the
+        # kept 4 plus a uniform integer in [0, 2**19) (r >> 13), truncated; subnormals round up; NaN -> 0
+        bits = u.to(tl.uint32, bitcast=True)
+        nq = ((bits + (r >> 13)) >> 19).to(tl.int32) - (112 << 4)
+        y = u * 262144.0
+        sq = _rne_int(y)
+        sq = tl.where(sq.to(tl.float32) < y, sq + 1, sq)
+        q = tl.where(u < 6.103515625e-05, sq, nq)
+        q = tl.minimum(tl.maximum(q, 0), 255)
+        return tl.where(u == u, q, 0)
+
+    @triton.jit
     def _decode(q, EXP_ADD: tl.constexpr, SUB_STEP: tl.constexpr):
         nv = ((q.to(tl.uint32) << 19) + (EXP_ADD << 23)).to(tl.float32, bitcast=True)
         return tl.where(q < 16, q.to(tl.float32) * SUB_STEP, nv)
@@ -94,7 +117,7 @@ if triton is not None:
 
     @triton.jit
     def _fadam8bit_pass(
-        meta_ptr, addr_ptr, lnum_ptr, sums_ptr, bh_ptr, scale_ptr, found_ptr, n_tensors, n_chunks,
+        meta_ptr, addr_ptr, lnum_ptr, sums_ptr, bh_ptr, seed_ptr, scale_ptr, found_ptr, n_tensors, n_chunks,
         lr, beta1, eps, weight_decay, clip, p,
         PHASE: tl.constexpr, P_DT: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_FOUND: tl.constexpr,
         HAS_WD: tl.constexpr, MAXIMIZE: tl.constexpr, P_HALF: tl.constexpr, INTERPRET: tl.constexpr,
@@ -118,7 +141,8 @@ if triton is not None:
         g_ptr = tl.load(addr_ptr + n_tensors + t).to(tl.pointer_type(P_DT))
         g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32) * gmul
         if PHASE == 0:
-            tl.atomic_add(sums_ptr + t, tl.sum(g * g, axis=0).to(tl.float64))
+            gd = g.to(tl.float64)  # squared in float64: no underflow (|g| ~ 1e-20) or overflow
+            tl.atomic_add(sums_ptr + t, tl.sum(gd * gd, axis=0))
         else:
             lnum = tl.maximum(tl.load(lnum_ptr + t), 1.0)
             rms_g = tl.sqrt(tl.load(sums_ptr + t) / lnum)
@@ -149,11 +173,11 @@ if triton is not None:
             nb = tl.div_rn(g, denom)
             w = tl.div_rn(theta, denom)
             if PHASE == 1:
-                tl.atomic_add(sums_ptr + n_tensors + t, tl.sum(tl.where(mask, nb * nb, 0.0), axis=0).to(tl.float64))
+                nbd = tl.where(mask, nb, 0.0).to(tl.float64)
+                tl.atomic_add(sums_ptr + n_tensors + t, tl.sum(nbd * nbd, axis=0))
                 if HAS_WD:
-                    tl.atomic_add(
-                        sums_ptr + 2 * n_tensors + t, tl.sum(tl.where(mask, w * w, 0.0), axis=0).to(tl.float64)
-                    )
+                    wd = tl.where(mask, w, 0.0).to(tl.float64)
+                    tl.atomic_add(sums_ptr + 2 * n_tensors + t, tl.sum(wd * wd, axis=0))
             else:
                 rg = tl.sqrt(tl.load(sums_ptr + n_tensors + t) / lnum) / clip
                 kg = tl.where((rg > 1.0) | (rg != rg), rg, 1.0).to(tl.float32)
@@ -178,7 +202,8 @@ if triton is not None:
                     inv_s = tl.where(amax_s > 0, tl.div_rn(1.9375, tl.where(amax_s > 0, amax_s, 1.0)), 0.0)
                     qm = _encode(tl.abs(mn) * inv_m, 120 << 4, 1024.0, 0.015625, 127, False)
                     tl.store(mc_ptr + offs, tl.where(mn < 0, -qm, qm).to(tl.int8), mask=mask)
-                    qs = _encode(sn * inv_s, 112 << 4, 262144.0, 6.103515625e-05, 255, True)
+                    seed = tl.load(seed_ptr + t).to(tl.uint32)
+                    qs = _encode_f_sr(sn * inv_s, _lowbias32(offs.to(tl.uint32) ^ seed))
                     tl.store(fc_ptr + offs, qs.to(tl.uint8), mask=mask)
                     # (on a skipped step the old scales are written back unchanged)
                     tl.store(msc_ptr + blk, tl.where(found, ms_old, tl.div_rn(amax_m, 1.9375)))
@@ -224,6 +249,7 @@ def fadam8bit_triton_(
     found_inf: Tensor | None = None,
     numels: Sequence[int] | None = None,
     reduce: Callable[[Tensor], object] | None = None,
+    streams: Sequence[int] | None = None,
 ) -> None:
     """One FAdam8bit step over tensors of one device and param dtype (the contract of ``fadam8bit_cpu_``)."""
     if triton is None:
@@ -271,11 +297,16 @@ def fadam8bit_triton_(
     addrs = [ptr(t) for lst in (*work, exp_avg_scales, fisher_scales) for t in lst]
     addr = _to_device(torch.tensor(addrs, dtype=torch.int64), device)
     lnum = _to_device(torch.tensor([float(x) for x in logical], dtype=torch.float64), device)
-    beta_hat = fisher_beta(beta2, torch.stack(steps)).to(device)
+    step_t = torch.stack([t.reshape(()) for t in steps])
+    beta_hat = fisher_beta(beta2, step_t).to(device)
+    stream_t = _to_device(
+        torch.tensor(list(range(n)) if streams is None else list(streams), dtype=torch.int64), device
+    )
+    seeds = sr_seeds(stream_t, step_t).to(device)
     sums = torch.zeros((3, n), dtype=torch.float64, device=device)
     scale_arg = grad_scale if grad_scale is not None else sums
     found_arg = found_inf if found_inf is not None else sums
-    args = (meta, addr, lnum, sums, beta_hat, scale_arg, found_arg, n, n_chunks,
+    args = (meta, addr, lnum, sums, beta_hat, seeds, scale_arg, found_arg, n, n_chunks,
             float(lr), float(beta1), float(eps), float(weight_decay), float(clip), float(p))  # fmt: skip
     consts = dict(
         P_DT=_DTYPES[pdt], HAS_SCALE=grad_scale is not None, HAS_FOUND=found_inf is not None,
