@@ -309,9 +309,8 @@ def test_c_kernel_thread_count_does_not_change_the_result():
 @needs_c
 @pytest.mark.parametrize("threads", [1, 2])
 def test_c_kernel_one_call_equals_the_three_phases(threads):
-    # Without a reduce hook the kernel runs each tensor's three passes back to back (a large tensor across the
-    # threads with barriers, small ones whole); with an identity hook it runs them phase by phase over all tensors.
-    # Both add the same chunk partials in the same order: identical bits.
+    # Without a reduce hook the kernel runs the three passes in one call (one parallel region); with a hook, in three
+    # calls with the hook in between. Both add the same chunk partials in the same order: identical bits.
     state = _state([(70_000,), (3000,), (200, 700), (7,), (131_073,), (0,)], seed=8)
     old = torch.get_num_threads()
     try:

@@ -43,7 +43,6 @@
 #define HF_FADAM8_ABI 2
 #define MAX_BLOCK 4096
 #define CHUNK_TARGET 32768
-#define SMALL_NUMEL 65536 /* one process: tensors below this go whole to one thread, larger ones across the team */
 
 typedef struct {
     double lr, beta1, eps, weight_decay, clip, p, grad_scale;
@@ -456,62 +455,27 @@ static void combine_sums(int phase, int64_t i, int64_t c0, int64_t c1, const dou
             }                                                                                                       \
         if (nthreads < 1) nthreads = 1;                                                                             \
         if (total < 2 * CHUNK_TARGET || nchunks < 2) nthreads = 1;                                                  \
-        if (phase == 0) {                                                                                           \
-            /* one process: each tensor's A, B and C back to back while its data is in the cache; a large           \
-               tensor's chunks split across the team (contiguous ranges), a small one whole on one thread.          \
-               The sums are combined in chunk order exactly as below, so the result equals phases 1, 2, 3           \
-               with an identity reduce, bit for bit. */                                                             \
-            int64_t *cfirst = (int64_t *)malloc(sizeof(int64_t) * (size_t)(n + 1));                                 \
-            if (cfirst == NULL) {                                                                                   \
-                free(ctid);                                                                                         \
-                free(part);                                                                                         \
-                return -2;                                                                                          \
-            }                                                                                                       \
-            for (int64_t i = 0, c = 0; i <= n; ++i) {                                                               \
-                cfirst[i] = c;                                                                                      \
-                if (i < n) c += (numels[i] + cs - 1) / cs;                                                          \
-            }                                                                                                       \
-            for (int64_t i = 0; i < n && nthreads > 1; ++i) {                                                       \
-                if (numels[i] < SMALL_NUMEL) continue;                                                              \
-                const int64_t c0 = cfirst[i], c1 = cfirst[i + 1];                                                   \
-                _Pragma("omp parallel num_threads(nthreads)") {                                                     \
-                    for (int ph = 1; ph <= 3; ++ph) {                                                               \
-                        _Pragma("omp for schedule(static)") for (int64_t c = c0; c < c1; ++c)                       \
-                            run_chunk_##NAME(ph, c, ctid, cstart, cs, params, grads, ms, fs, msc, fsc, numels,      \
-                                             lnumels, bhat, seeds, sums, n, hp, part);                              \
-                        if (ph < 3) {                                                                               \
-                            _Pragma("omp single") combine_sums(ph, i, c0, c1, part, sums, n);                       \
-                        }                                                                                           \
+        /* phase 0 (one process): A, B and C in one parallel region, the chunk partials combined in                 \
+           between; 1, 2, 3: one phase, the caller reduces the sums between the calls. Tensor-by-tensor             \
+           scheduling (each tensor's passes back to back while it is in the cache, as the fp32 kernel does)         \
+           was measured: no faster here, where this kernel is compute-bound, and a barrier pair per tensor          \
+           is fragile on a loaded machine. */                                                                       \
+        const int first = phase == 0 ? 1 : phase, last = phase == 0 ? 3 : phase;                                    \
+        _Pragma("omp parallel num_threads(nthreads)") {                                                             \
+            for (int ph = first; ph <= last; ++ph) {                                                                \
+                _Pragma("omp for schedule(dynamic, 1)") for (int64_t c = 0; c < nchunks; ++c)                       \
+                    run_chunk_##NAME(ph, c, ctid, cstart, cs, params, grads, ms, fs, msc, fsc, numels, lnumels,     \
+                                     bhat, seeds, sums, n, hp, part);                                               \
+                if (ph < 3) {                                                                                       \
+                    /* the chunk partials added in chunk order (deterministic); implicit barrier after */           \
+                    _Pragma("omp single") for (int64_t i = 0, c = 0; i < n; ++i) {                                  \
+                        const int64_t c1 = c + (numels[i] + cs - 1) / cs;                                           \
+                        combine_sums(ph, i, c, c1, part, sums, n);                                                  \
+                        c = c1;                                                                                     \
                     }                                                                                               \
                 }                                                                                                   \
             }                                                                                                       \
-            const int nsmall = nthreads > 1 ? nthreads : 1;                                                         \
-            _Pragma("omp parallel for schedule(dynamic, 1) num_threads(nsmall)") for (int64_t i = 0; i < n; ++i) {  \
-                if (nthreads > 1 && numels[i] >= SMALL_NUMEL) continue;                                             \
-                const int64_t c0 = cfirst[i], c1 = cfirst[i + 1];                                                   \
-                for (int ph = 1; ph <= 3; ++ph) {                                                                   \
-                    for (int64_t c = c0; c < c1; ++c)                                                               \
-                        run_chunk_##NAME(ph, c, ctid, cstart, cs, params, grads, ms, fs, msc, fsc, numels,          \
-                                         lnumels, bhat, seeds, sums, n, hp, part);                                  \
-                    if (ph < 3) combine_sums(ph, i, c0, c1, part, sums, n);                                         \
-                }                                                                                                   \
-            }                                                                                                       \
-            free(cfirst);                                                                                           \
-            free(ctid);                                                                                             \
-            free(part);                                                                                             \
-            return 0;                                                                                               \
         }                                                                                                           \
-        /* one phase (the caller reduces the sums in between) */                                                    \
-        _Pragma("omp parallel for schedule(dynamic, 1) num_threads(nthreads)") for (int64_t c = 0; c < nchunks; ++c)\
-            run_chunk_##NAME(phase, c, ctid, cstart, cs, params, grads, ms, fs, msc, fsc, numels, lnumels, bhat,    \
-                             seeds, sums, n, hp, part);                                                             \
-        /* combine the chunk partials in chunk order (deterministic) */                                             \
-        if (phase < 3)                                                                                              \
-            for (int64_t i = 0, c = 0; i < n; ++i) {                                                                \
-                const int64_t c1 = c + (numels[i] + cs - 1) / cs;                                                   \
-                combine_sums(phase, i, c, c1, part, sums, n);                                                       \
-                c = c1;                                                                                             \
-            }                                                                                                       \
         free(ctid);                                                                                                 \
         free(part);                                                                                                 \
         return 0;                                                                                                   \
