@@ -32,50 +32,13 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repo root
 
 import torch  # noqa: E402
-
-
-MAX_STEPS = 6
-SAVE_STEP = 3
-GLOBAL_BATCH = 8
-SEQ_LEN = 16
-VOCAB = 64
-
-
-def _rank() -> int:
-    return int(os.environ.get("RANK", "0"))
-
-
-def _world() -> int:
-    return int(os.environ.get("WORLD_SIZE", "1"))
+from _trainer_common import GLOBAL_BATCH, MAX_STEPS, SAVE_STEP, Tokens, tiny_llama  # noqa: E402
+from _trainer_common import rank as _rank  # noqa: E402
+from _trainer_common import world as _world  # noqa: E402
 
 
 def _model(seed: int = 0):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(seed)
-    config = LlamaConfig(
-        vocab_size=VOCAB,
-        hidden_size=16,
-        intermediate_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        max_position_embeddings=SEQ_LEN,
-        tie_word_embeddings=False,
-    )
-    return LlamaForCausalLM(config)
-
-
-class _Tokens(torch.utils.data.Dataset):
-    def __init__(self, n: int) -> None:
-        gen = torch.Generator().manual_seed(5)
-        self.ids = torch.randint(0, VOCAB, (n, SEQ_LEN), generator=gen)
-
-    def __len__(self) -> int:
-        return len(self.ids)
-
-    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
-        return {"input_ids": self.ids[i], "labels": self.ids[i]}
+    return tiny_llama(seed)
 
 
 def _ds_config(stage: int) -> dict[str, Any]:
@@ -150,7 +113,7 @@ def _fix_cpu_world(args) -> None:
 def _trainer(args, seed: int = 0):
     from transformers import Trainer
 
-    return Trainer(model=_model(seed), args=args, train_dataset=_Tokens(GLOBAL_BATCH * MAX_STEPS))
+    return Trainer(model=_model(seed), args=args, train_dataset=Tokens(GLOBAL_BATCH * MAX_STEPS))
 
 
 def _full_weights(trainer) -> dict[str, torch.Tensor]:
