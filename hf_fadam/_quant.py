@@ -83,6 +83,8 @@ tensor-wise for m.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from torch import Tensor
 
@@ -177,14 +179,19 @@ def lowbias32(x: Tensor) -> Tensor:
     return x ^ (x >> 16)
 
 
-def sr_seeds(streams: Tensor, steps: Tensor) -> Tensor:
+def sr_seeds(streams: Tensor | Sequence[int] | None, steps: Tensor) -> Tensor:
     """Per-tensor seeds of the f map's stochastic rounding: ``lowbias32(stream ^ lowbias32(t))``, int64.
 
-    ``streams``: the parameters' positions in the optimizer (int64); ``steps``: their step counts after the step
-    (float, as torch optimizers keep them; exact integers below 2**24). Computed on ``steps``' device, no sync.
+    ``streams``: the parameters' positions in the optimizer (None: ``0 .. n-1``, the tensors' positions in the
+    call); ``steps``: their step counts after the step, stacked (float, as torch optimizers keep them; exact
+    integers below 2**24). Computed on ``steps``' device; a ``streams`` tensor already there costs no copy.
     """
     t = steps.to(torch.int64)
-    return lowbias32(streams.to(device=t.device, dtype=torch.int64) ^ lowbias32(t))
+    if streams is None:
+        s = torch.arange(t.numel(), dtype=torch.int64, device=t.device)
+    else:
+        s = torch.as_tensor(streams, dtype=torch.int64).to(t.device)
+    return lowbias32(s ^ lowbias32(t))
 
 
 def sr_bits(numel: int, seed: Tensor | int, device: torch.device | str | None = None) -> Tensor:

@@ -208,8 +208,7 @@ def _dequantized_step(
             fs.append(s * s)
     extra = {} if numels is None and reduce is None else {"numels": numels, "reduce": reduce}
     fadam(params, grads, ms, fs, state_steps, foreach=foreach, fused=False, **hyper, **extra)
-    streams = range(len(params)) if streams is None else streams
-    seeds = sr_seeds(torch.tensor(list(streams)), torch.stack([t.reshape(()) for t in state_steps]))
+    seeds = sr_seeds(streams, torch.stack([t.reshape(()) for t in state_steps]))
     for i, (m, f, msc, fsc, m_new, f_new) in enumerate(zip(exp_avgs, fishers, exp_avg_scales, fisher_scales, ms, fs)):
         if fsc is None:
             continue

@@ -28,8 +28,9 @@
  * or when a block's maximum overflowed to inf.
  *
  * Cost: decoding is a shift and a multiply per code through float32 subnormals (dn_ok(): AMD x86-64 without DAZ),
- * else a shift, an add and a select; encoding ~12 integer/float ops. On a compute-bound
- * single core (the CPUs of the benchmarks here) that codec work, not memory traffic, sets the step time.
+ * else a shift, an add and a select; encoding ~12 integer/float ops per state, plus f's rounding hash (two
+ * multiplies, three shift-xors). On the 2-core CPU of the benchmarks here that codec work, on top of FAdam's sqrt
+ * and division in passes B and C, not memory traffic, sets the step time (README, "CPU").
  */
 #include <float.h>
 #include <math.h>

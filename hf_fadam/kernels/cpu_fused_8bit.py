@@ -184,7 +184,7 @@ def fadam8bit_cpu_(
     logical = local if numels is None else list(numels)
     step_t = torch.stack([t.reshape(()) for t in steps])
     beta_hat = fisher_beta(beta2, step_t).to("cpu", torch.float64).contiguous()
-    seeds = sr_seeds(torch.tensor(list(range(n)) if streams is None else list(streams)), step_t).cpu().contiguous()
+    seeds = sr_seeds(streams, step_t).cpu().contiguous()
     sums = torch.zeros((3, n), dtype=torch.float64)
     hp = _HParams(
         lr=float(lr), beta1=beta1, eps=eps, weight_decay=weight_decay, clip=clip, p=p,

@@ -299,9 +299,7 @@ def fadam8bit_triton_(
     lnum = _to_device(torch.tensor([float(x) for x in logical], dtype=torch.float64), device)
     step_t = torch.stack([t.reshape(()) for t in steps])
     beta_hat = fisher_beta(beta2, step_t).to(device)
-    stream_t = _to_device(
-        torch.tensor(list(range(n)) if streams is None else list(streams), dtype=torch.int64), device
-    )
+    stream_t = None if streams is None else _to_device(torch.tensor(list(streams), dtype=torch.int64), device)
     seeds = sr_seeds(stream_t, step_t).to(device)
     sums = torch.zeros((3, n), dtype=torch.float64, device=device)
     scale_arg = grad_scale if grad_scale is not None else sums
