@@ -19,6 +19,7 @@ from hf_fadam import FAdam
 from hf_fadam._quant import (
     F_FORMAT,
     M_FORMAT,
+    WEYL,
     code_table,
     dequantize_blockwise,
     lowbias32,
@@ -100,13 +101,38 @@ def test_relative_error_of_the_normal_range():
 def test_stochastic_rounding_bits_are_the_documented_hash():
     # lowbias32 (C. Wellons) values, and the seed/bit derivation of _quant.py's docstring: the C and Triton kernels
     # reproduce these bits, so they must not change silently (a resumed run would take another trajectory).
+    # The pinned values were computed with Python ints from the docstring's formulas.
     assert int(lowbias32(torch.tensor(1))) == 0x688990C0
     seed = sr_seeds(torch.tensor([0, 5]), torch.tensor([1.0, 7.0]))
-    assert int(seed[0]) == int(lowbias32(torch.tensor(0) ^ lowbias32(torch.tensor(1))))
-    assert [int(v) for v in sr_bits(4, seed[0])] == [0x24009C6D, 0xCB6DAD5D, 0xCC844EA7, 0x6A25388A]
+    assert int(seed[0]) == int(lowbias32(torch.tensor(0) ^ lowbias32(torch.tensor(1)))) == 0x58F54975
+    assert [int(v) for v in sr_bits(4, seed[0], 256)] == [0x24009C6D, 0xC2381626, 0x606F8FDF, 0xFEA70998]
+    # elements 255, 256, 257: the second block starts at its own hash, lowbias32(1 ^ seed) + 256 * WEYL
+    assert [int(v) for v in sr_bits(258, seed[0], 256)[255:]] == [0xBD42DBB4, 0x02E7665D, 0xA11EE016]
     assert int(seed[1]) == int(lowbias32(torch.tensor(5) ^ lowbias32(torch.tensor(7))))
-    bits = sr_bits(1 << 16, seed[1])
+    bits = sr_bits(1 << 16, seed[1], 64)
     assert bits.min() >= 0 and bits.max() < 2**32 and bits.unique().numel() > 65_000
+    steps = (bits.view(-1, 64).diff(dim=1)) % 2**32  # a Weyl sequence within each block
+    assert torch.equal(steps, torch.full_like(steps, WEYL))
+
+
+def test_stochastic_rounding_is_unbiased_for_one_element_over_steps():
+    # What the EMA of f needs: one element's rounding, step after step (a fresh seed each step), averages to the
+    # exact value. Elements at a few positions of a block (its first, its middle, the next block's first), 20000
+    # steps each, a value 0.3 of the way between two codes: the fraction rounded up is 0.3 within 4 standard errors.
+    lo, hi = F_FORMAT.decode(torch.tensor([150, 151]))
+    u = float(lo + 0.3 * (hi - lo))
+    n_steps, bs = 20_000, 64
+    seeds = sr_seeds(torch.full((n_steps,), 3), torch.arange(1, n_steps + 1, dtype=torch.float32))
+    bits = sr_bits(bs + 1, seeds[:, None], bs)  # (steps, elements): the seeds broadcast
+    for index in (0, 37, 64):
+        codes = F_FORMAT.encode(torch.full((n_steps,), u), bits[:, index])
+        up = float((codes == 151).float().mean())
+        assert set(codes.unique().tolist()) <= {150, 151}
+        assert abs(up - 0.3) < 4 * (0.3 * 0.7 / n_steps) ** 0.5, (index, up)
+        # and independent from one step to the next: the lag-1 correlation of its bits is 0 within 4 standard errors
+        x = bits[:, index].double()
+        lag1 = torch.corrcoef(torch.stack([x[:-1], x[1:]]))[0, 1]
+        assert abs(float(lag1)) < 4 / n_steps**0.5, (index, float(lag1))
 
 
 def test_stochastic_rounding_of_f_is_unbiased_and_nearest_is_not():
@@ -114,14 +140,14 @@ def test_stochastic_rounding_of_f_is_unbiased_and_nearest_is_not():
     # a quarter of the time (mean exact to ~1/sqrt(n)); rounding to nearest always lands on the lower one.
     lo, hi = F_FORMAT.decode(torch.tensor([200, 201]))
     u = torch.full((1 << 16,), float(lo + 0.25 * (hi - lo)))
-    sr = F_FORMAT.decode(F_FORMAT.encode(u, sr_bits(u.numel(), 12345)))
+    sr = F_FORMAT.decode(F_FORMAT.encode(u, sr_bits(u.numel(), 12345, 256)))
     assert set(sr.unique().tolist()) == {float(lo), float(hi)}
     assert float((sr == hi).float().mean()) == pytest.approx(0.25, abs=0.01)
     assert float(sr.double().mean()) == pytest.approx(float(u[0]), rel=2e-4)
     assert torch.equal(F_FORMAT.decode(F_FORMAT.encode(u)), torch.full_like(u, float(lo)))
     # below the smallest normal value the f map still rounds up, random bits or not: never to 0
     tiny = torch.full((1000,), 1e-7)
-    assert F_FORMAT.encode(tiny, sr_bits(1000, 1)).min() >= 1
+    assert F_FORMAT.encode(tiny, sr_bits(1000, 1, 64)).min() >= 1
 
 
 def test_quantize_layout_dtypes_and_partial_block():
@@ -158,7 +184,9 @@ def test_c_codec_matches_torch_bit_for_bit(signed):
     assert torch.equal(cpu_fused_8bit.encode(u, signed), fmt.encode(u))
     if not signed:  # f's stochastic rounding: the same random bits and the same codes
         seed = 0x9E3779B1
-        assert torch.equal(cpu_fused_8bit.encode(u, signed, seed=seed), fmt.encode(u, sr_bits(u.numel(), seed)))
+        for bs in (64, 256, 100):  # the hook takes any block size; the optimizer's are powers of two
+            expect = fmt.encode(u, sr_bits(u.numel(), seed, bs))
+            assert torch.equal(cpu_fused_8bit.encode(u, signed, seed=seed, block_size=bs), expect)
     q = torch.arange(fmt.qmax + 1, dtype=torch.int32)
     assert torch.equal(cpu_fused_8bit.decode(q, signed), fmt.decode(q))
 
@@ -290,7 +318,7 @@ def test_c_kernel_16bit_params(dtype):
 
 @needs_c
 def test_c_kernel_thread_count_does_not_change_the_result():
-    state = _state([(70_000,), (200, 700)], seed=5)
+    state = _state([(70_000,), (200, 700), (600_001,)], seed=5)  # the last in three chunks
     outs = []
     old = torch.get_num_threads()
     try:
@@ -311,7 +339,7 @@ def test_c_kernel_thread_count_does_not_change_the_result():
 def test_c_kernel_one_call_equals_the_three_phases(threads):
     # Without a reduce hook the kernel runs the three passes in one call (one parallel region); with a hook, in three
     # calls with the hook in between. Both add the same chunk partials in the same order: identical bits.
-    state = _state([(70_000,), (3000,), (200, 700), (7,), (131_073,), (0,)], seed=8)
+    state = _state([(70_000,), (3000,), (200, 700), (7,), (600_001,), (0,)], seed=8)
     old = torch.get_num_threads()
     try:
         torch.set_num_threads(threads)
@@ -326,6 +354,41 @@ def test_c_kernel_one_call_equals_the_three_phases(threads):
         for x, y in zip(a, b):
             assert x is None or torch.equal(x, y)
     assert not torch.equal(one[0][0], state[0][0])  # it stepped
+
+
+@needs_c
+@pytest.mark.parametrize("flush", [False, True])
+@pytest.mark.parametrize("hyper_name", ["default", "no_wd"])
+def test_c_kernel_avx512_passes_equal_the_generic_loops(hyper_name, flush):
+    # Where the build has them, passes B and C of fp32 params with p = 0.5 run hand-vectorized (16 lanes, masked
+    # partial blocks); they do the generic loops' float operations in the same order, so params, codes and scales come
+    # out bit for bit the same (pass B's float64 sums are added in another order; here, as in every case measured,
+    # the float32 scalars derived from them round the same). flush: denormals flushed, the arithmetic decoders.
+    if not cpu_fused_8bit.set_simd(True):
+        pytest.skip("this build of the kernel has no AVX-512 passes")
+    state = _state([(70_000,), (200, 700), (4099,), (33, 65)], seed=9, block=64)
+    hyper = HYPERS[hyper_name]
+    outs = []
+    old_threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        if flush and not torch.set_flush_denormal(True):
+            pytest.skip("this CPU cannot flush denormals (no DAZ/FTZ)")
+        for simd in (True, False):
+            cpu_fused_8bit.set_simd(simd)
+            out = _clone(state)
+            _step("c", out, hyper=hyper)
+            outs.append(out)
+    finally:
+        cpu_fused_8bit.set_simd(True)
+        torch.set_flush_denormal(False)
+        torch.set_num_threads(old_threads)
+    for a, b in zip(outs[0], outs[1]):
+        for x, y in zip(a, b):
+            assert x is None or torch.equal(x, y)
+    ref = _clone(state)
+    _step("forloop", ref, hyper=hyper)
+    _compare(ref, outs[0])
 
 
 @needs_c

@@ -18,8 +18,10 @@
  * Tensors whose state is fp32 (below min_8bit_size; their scale pointers are NULL) run the same three passes on
  * float m and f. Codes are encoded with the bit operations of _quant.MiniFloat.encode, bit for bit the torch
  * reference given the same float input: m rounds to nearest even, f stochastically with the counter-based random
- * bits of _quant.sr_bits (r = lowbias32(element index ^ seed), one seed per tensor and step from the caller). The
- * build uses -ffp-contract=off.
+ * bits of _quant.sr_bits (r = lowbias32(block index ^ seed) + element index * WEYL, one seed per tensor and step from
+ * the caller: one hash per block, one add per element). The build uses -ffp-contract=off. Sums of squares are
+ * float64: a float squared in double is exact, so SQ_ADD's fma (where the target has one) gives the same bits as a
+ * multiply and an add, in one instruction.
  *
  * Non-finite values: a NaN in m_new or s_new can only come from a NaN/inf gradient or an already non-finite state,
  * and either makes a per-tensor sum (and so eps_hat or a clip divisor) non-finite. So pass C takes each block's
@@ -28,9 +30,11 @@
  * or when a block's maximum overflowed to inf.
  *
  * Cost: decoding is a shift and a multiply per code through float32 subnormals (dn_ok(): AMD x86-64 without DAZ),
- * else a shift, an add and a select; encoding ~12 integer/float ops per state, plus f's rounding hash (two
- * multiplies, three shift-xors). On the 2-core CPU of the benchmarks here that codec work, on top of FAdam's sqrt
- * and division in passes B and C, not memory traffic, sets the step time (README, "CPU").
+ * else a shift, an add and a select; encoding ~12 integer/float ops per state, plus f's rounding bits (an add; a
+ * per-element hash instead, two multiplies and three shift-xors, cost 15 % of pass C). On the 2-core CPU of the
+ * benchmarks here that codec work, on top of FAdam's sqrt and division in passes B and C, not memory traffic, sets
+ * the step time (pass C costs the same per element with its data in L3 as streamed from memory), so passes B and C
+ * of fp32 params have hand-vectorized AVX-512 versions (below; 10 % of the step) and chunks are long (11 %).
  */
 #include <float.h>
 #include <math.h>
@@ -41,9 +45,20 @@
 #include <omp.h>
 #endif
 
-#define HF_FADAM8_ABI 2
+#define HF_FADAM8_ABI 3
+#define WEYL 0x9E3779B9u /* _quant.WEYL */
+/* acc + x*x for float x in double (x*x exact): one fma where the target has it; a library fma call elsewhere would
+   stop the loop vectorizing */
+#ifdef __FMA__
+#define SQ_ADD(acc, x) ((acc) = fma((double)(x), (double)(x), (acc)))
+#else
+#define SQ_ADD(acc, x) ((acc) += (double)(x) * (double)(x))
+#endif
 #define MAX_BLOCK 4096
-#define CHUNK_TARGET 32768
+/* elements per chunk: long streams per thread (32768 measured 11 % slower on the step benchmark), still ~200 chunks
+   for 50M params; one thread below MIN_PARALLEL elements or with one chunk */
+#define CHUNK_TARGET 262144
+#define MIN_PARALLEL 65536
 
 typedef struct {
     double lr, beta1, eps, weight_decay, clip, p, grad_scale;
@@ -156,7 +171,7 @@ static inline int32_t enc_e4m4(float u) {
 /* the same for any u: NaN -> 0 (its block's scale is NaN or inf, so the block decodes to NaN either way) */
 static inline int32_t enc_e3m4_any(float u) { return u == u ? enc_e3m4(u) : 0; }
 static inline int32_t enc_e4m4_any(float u) { return u == u ? enc_e4m4(u) : 0; }
-/* C. Wellons' lowbias32: the random bits of f's stochastic rounding (see _quant.py) */
+/* C. Wellons' lowbias32: the start of a block's random bits for f's stochastic rounding (see _quant.py) */
 static inline uint32_t lowbias32(uint32_t x) {
     x ^= x >> 16;
     x *= 0x7feb352du;
@@ -182,7 +197,7 @@ static inline float nan_max(float a, float x) { return (x > a || x != x) ? x : a
 typedef struct {
     float gmul, bh, omb, eps_hat, inv_kg, inv_kw, p, b1, omb1, neg_lr, wd;
     int p_half, want_w, finite;
-    uint32_t seed; /* f's stochastic rounding: r = lowbias32(element index ^ seed) */
+    uint32_t seed; /* f's stochastic rounding: r = lowbias32(block index ^ seed) + element index * WEYL */
 } tscal;
 
 static void scalars(tscal *s, const fadam8_hparams *hp, const double *sums, int64_t n, int64_t i, double lnumel,
@@ -231,13 +246,247 @@ static void combine_sums(int phase, int64_t i, int64_t c0, int64_t c1, const dou
     }
 }
 
+/* A block's codes where its values may be NaN or its maxima inf (the rare path of pass C, see the header): the
+   maxima taken again with NaN propagation into *amax_m, *amax_s, then NaN-safe encoding. rb: the block's first
+   rounding bits (the j-th element's are rb + j * WEYL). */
+static void encode_block_any(int8_t *mc, uint8_t *fc, const float *mbuf, const float *sbuf, int64_t len, uint32_t rb,
+                             float *amax_m, float *amax_s) {
+    float am = 0.0f, as = 0.0f;
+    for (int64_t j = 0; j < len; ++j) {
+        am = nan_max(am, fabsf(mbuf[j]));
+        as = nan_max(as, sbuf[j]);
+    }
+    const float im = am > 0.0f ? VMAX / am : 0.0f, is = as > 0.0f ? VMAX / as : 0.0f;
+    for (int64_t j = 0; j < len; ++j) {
+        int32_t q = enc_e3m4_any(fabsf(mbuf[j]) * im);
+        mc[j] = (int8_t)(mbuf[j] < 0.0f ? -q : q);
+        fc[j] = (uint8_t)enc_e4m4_sr_any(sbuf[j] * is, rb + (uint32_t)j * WEYL);
+    }
+    *amax_m = am;
+    *amax_s = as;
+}
+
+/* ---------------------------------------------------------------- AVX-512 passes B and C (fp32 params, p = 0.5)
+ * The generic loops below, written 16 lanes at a time with explicit vectors. Compiled from C, those loops run 64
+ * elements wide (the byte codes set the width): registers spill, codes are repacked through permutes, and pass B sums
+ * each quantization block into eight float64 accumulators reduced at the block's end. Here the accumulators live
+ * across blocks, a code widens or narrows in one instruction, and a block's last partial vector takes masked loads
+ * and stores. Every float operation is the generic loop's, in its order, so params and state are the generic path's
+ * bit for bit given the same sums; pass B's float64 sums are added in another (fixed) order, so they may differ in
+ * their last bits. hf_fadam8_set_simd(0) selects the generic loops (the tests compare the two). */
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
+#include <immintrin.h>
+#define HAVE_SIMD 1
+#else
+#define HAVE_SIMD 0
+#endif
+static int use_simd = HAVE_SIMD;
+/* test hook: use the AVX-512 passes where they apply (on != 0) or never; returns whether they are compiled in */
+int hf_fadam8_set_simd(int on) {
+    use_simd = on && HAVE_SIMD;
+    return HAVE_SIMD;
+}
+
+#if HAVE_SIMD
+static inline __mmask16 lanes(int64_t n) { return n >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << n) - 1u); }
+static inline __m512 v1(float x) { return _mm512_set1_ps(x); }
+static inline __m512i i1(uint32_t x) { return _mm512_set1_epi32((int)x); }
+
+/* 16 s codes (zero-extended) times the block's scale: dn_s, or dec_s (see the scalar decoders) */
+static inline __m512 dec_s16(__m512i c, __m512 sc, int dn) {
+    if (dn) return _mm512_mul_ps(_mm512_castsi512_ps(_mm512_slli_epi32(c, 19)), sc);
+    __m512 nv = _mm512_castsi512_ps(_mm512_add_epi32(_mm512_slli_epi32(c, 19), i1(112u << 23)));
+    __m512 sv = _mm512_mul_ps(_mm512_cvtepi32_ps(c), v1(3.814697265625e-06f));
+    return _mm512_mul_ps(_mm512_mask_blend_ps(_mm512_cmplt_epi32_mask(c, i1(16)), nv, sv), sc);
+}
+/* 16 m codes (sign-extended) times the block's scale: dec_m_bits, or dec_m */
+static inline __m512 dec_m16(__m512i ci, __m512 sc, int dn) {
+    __m512i a = _mm512_abs_epi32(ci), v = _mm512_slli_epi32(a, 19);
+    if (!dn) {
+        __m512 nv = _mm512_castsi512_ps(_mm512_add_epi32(v, i1(120u << 23)));
+        __m512 sv = _mm512_mul_ps(_mm512_cvtepi32_ps(a), v1(0.0009765625f));
+        v = _mm512_castps_si512(_mm512_mask_blend_ps(_mm512_cmplt_epi32_mask(a, i1(16)), nv, sv));
+    }
+    v = _mm512_or_si512(v, _mm512_and_si512(ci, i1(0x80000000u)));
+    return _mm512_mul_ps(_mm512_castsi512_ps(v), sc);
+}
+static inline __m512d lo8(__m512 x) { return _mm512_cvtps_pd(_mm512_castps512_ps256(x)); }
+static inline __m512d hi8(__m512 x) {
+    return _mm512_cvtps_pd(_mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(x), 1)));
+}
+
+/* one vector of pass B: elements [i, i + 16) under mask k; adds to the float64 accumulators */
+static inline __attribute__((always_inline)) void b_vec(const float *th, const float *g, const uint8_t *fc, int64_t i,
+                                                        __mmask16 k, __m512 sc, const __m512 *c, const int dn,
+                                                        const int want_w, __m512d *acc) {
+    __m512 gv = _mm512_mul_ps(_mm512_maskz_loadu_ps(k, g + i), c[0]);
+    __m512 so = dec_s16(_mm512_cvtepu8_epi32(_mm_maskz_loadu_epi8(k, fc + i)), sc, dn);
+    __m512 fn = _mm512_add_ps(_mm512_mul_ps(_mm512_mul_ps(so, so), c[1]), _mm512_mul_ps(_mm512_mul_ps(gv, gv), c[2]));
+    __m512 rd = _mm512_div_ps(c[4], _mm512_add_ps(_mm512_sqrt_ps(fn), c[3]));
+    __m512 nb = _mm512_maskz_mul_ps(k, gv, rd);
+    acc[0] = _mm512_fmadd_pd(lo8(nb), lo8(nb), acc[0]);
+    acc[1] = _mm512_fmadd_pd(hi8(nb), hi8(nb), acc[1]);
+    if (want_w) {
+        __m512 w = _mm512_maskz_mul_ps(k, _mm512_maskz_loadu_ps(k, th + i), rd);
+        acc[2] = _mm512_fmadd_pd(lo8(w), lo8(w), acc[2]);
+        acc[3] = _mm512_fmadd_pd(hi8(w), hi8(w), acc[3]);
+    }
+}
+static inline __attribute__((always_inline)) void b_block(const float *th, const float *g, const uint8_t *fc,
+                                                          int64_t blo, int64_t bhi, __m512 sc, const __m512 *c,
+                                                          const int dn, const int want_w, __m512d *acc) {
+    int64_t i = blo;
+    for (; i + 16 <= bhi; i += 16) b_vec(th, g, fc, i, (__mmask16)0xFFFF, sc, c, dn, want_w, acc);
+    if (i < bhi) b_vec(th, g, fc, i, lanes(bhi - i), sc, c, dn, want_w, acc);
+}
+/* pass B of an 8-bit tensor, elements [lo, hi) in whole blocks (but the tensor's last): out = the two sums */
+static void pass_b_simd(const float *th, const float *g, const uint8_t *fc, const float *fsc, int64_t bs, int64_t lo,
+                        int64_t hi, const tscal *s, double *out) {
+    __m512d acc[4] = {_mm512_setzero_pd(), _mm512_setzero_pd(), _mm512_setzero_pd(), _mm512_setzero_pd()};
+    const __m512 c[5] = {v1(s->gmul), v1(s->bh), v1(s->omb), v1(s->eps_hat), v1(1.0f)};
+    const int dn = dn_ok();
+    for (int64_t blo = lo; blo < hi; blo += bs) {
+        const int64_t bhi = blo + bs < hi ? blo + bs : hi;
+        const float sc = fsc[blo / bs];
+        if (dn && sc * 0x1p112f <= FLT_MAX) {
+            if (s->want_w) b_block(th, g, fc, blo, bhi, v1(sc * 0x1p112f), c, 1, 1, acc);
+            else b_block(th, g, fc, blo, bhi, v1(sc * 0x1p112f), c, 1, 0, acc);
+        } else {
+            if (s->want_w) b_block(th, g, fc, blo, bhi, v1(sc), c, 0, 1, acc);
+            else b_block(th, g, fc, blo, bhi, v1(sc), c, 0, 0, acc);
+        }
+    }
+    out[0] = _mm512_reduce_add_pd(_mm512_add_pd(acc[0], acc[1]));
+    out[1] = _mm512_reduce_add_pd(_mm512_add_pd(acc[2], acc[3]));
+}
+
+/* pass C's per-tensor constants, broadcast */
+typedef struct {
+    __m512 gmul, bh, omb, eps, one, inv_kg, inv_kw, b1, omb1, neg_lr, wd;
+} cvec;
+/* one vector of pass C's update: elements [j, j + 16) of the block at blo under mask k; theta stored, m_new and
+   s_new into mbuf/sbuf (0 in masked lanes), their maxima into *vam, *vas */
+static inline __attribute__((always_inline)) void c_vec(float *th, const float *g, const int8_t *mc, const uint8_t *fc,
+                                                        int64_t blo, int64_t j, __mmask16 k, __m512 ms_old,
+                                                        __m512 fs_old, const cvec *c, const int dn, const int want_w,
+                                                        float *mbuf, float *sbuf, __m512 *vam, __m512 *vas) {
+    const int64_t i = blo + j;
+    __m512 gv = _mm512_mul_ps(_mm512_maskz_loadu_ps(k, g + i), c->gmul);
+    __m512 so = dec_s16(_mm512_cvtepu8_epi32(_mm_maskz_loadu_epi8(k, fc + i)), fs_old, dn);
+    __m512 fn = _mm512_add_ps(_mm512_mul_ps(_mm512_mul_ps(so, so), c->bh),
+                              _mm512_mul_ps(_mm512_mul_ps(gv, gv), c->omb));
+    __m512 sn = _mm512_sqrt_ps(fn);
+    __m512 rd = _mm512_div_ps(c->one, _mm512_add_ps(sn, c->eps));
+    __m512 t = _mm512_maskz_loadu_ps(k, th + i);
+    __m512 nb = _mm512_mul_ps(_mm512_mul_ps(gv, rd), c->inv_kg);
+    __m512 mo = dec_m16(_mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(k, mc + i)), ms_old, dn);
+    __m512 mn = _mm512_add_ps(_mm512_mul_ps(mo, c->b1), _mm512_mul_ps(nb, c->omb1));
+    __m512 upd = mn;
+    if (want_w) upd = _mm512_add_ps(mn, _mm512_mul_ps(c->wd, _mm512_mul_ps(_mm512_mul_ps(t, rd), c->inv_kw)));
+    _mm512_mask_storeu_ps(th + i, k, _mm512_add_ps(t, _mm512_mul_ps(upd, c->neg_lr)));
+    mn = _mm512_maskz_mov_ps(k, mn);
+    sn = _mm512_maskz_mov_ps(k, sn);
+    _mm512_storeu_ps(mbuf + j, mn);
+    _mm512_storeu_ps(sbuf + j, sn);
+    *vam = _mm512_max_ps(*vam, _mm512_abs_ps(mn));
+    *vas = _mm512_max_ps(*vas, sn);
+}
+static inline __attribute__((always_inline)) void c_update(float *th, const float *g, const int8_t *mc,
+                                                           const uint8_t *fc, int64_t blo, int64_t len, __m512 ms_old,
+                                                           __m512 fs_old, const cvec *c, const int dn,
+                                                           const int want_w, float *mbuf, float *sbuf, __m512 *vam,
+                                                           __m512 *vas) {
+    int64_t j = 0;
+    for (; j + 16 <= len; j += 16)
+        c_vec(th, g, mc, fc, blo, j, (__mmask16)0xFFFF, ms_old, fs_old, c, dn, want_w, mbuf, sbuf, vam, vas);
+    if (j < len) c_vec(th, g, mc, fc, blo, j, lanes(len - j), ms_old, fs_old, c, dn, want_w, mbuf, sbuf, vam, vas);
+}
+/* the codes of 16 values under mask k: m (enc_e3m4 of |m| * inv_m, signed) and s (enc_e4m4_sr of s * inv_s with
+   the bits r) */
+static inline __attribute__((always_inline)) void c_encode(int8_t *mc, uint8_t *fc, const float *mbuf,
+                                                           const float *sbuf, __mmask16 k, __m512 inv_m, __m512 inv_s,
+                                                           __m512i r) {
+    __m512 mv = _mm512_loadu_ps(mbuf);
+    __m512 u = _mm512_mul_ps(_mm512_abs_ps(mv), inv_m);
+    __m512i bits = _mm512_castps_si512(u);
+    __m512i nq = _mm512_add_epi32(_mm512_add_epi32(bits, i1(0x3ffffu - (120u << 23))),
+                                  _mm512_and_si512(_mm512_srli_epi32(bits, 19), i1(1)));
+    nq = _mm512_srli_epi32(nq, 19);
+    __m512i sq = _mm512_sub_epi32(_mm512_castps_si512(_mm512_add_ps(u, v1(8192.0f))), i1(0x46000000u));
+    __m512i q = _mm512_mask_blend_epi32(_mm512_cmp_ps_mask(u, v1(0.015625f), _CMP_LT_OQ), nq, sq);
+    q = _mm512_min_epi32(q, i1(127));
+    q = _mm512_mask_sub_epi32(q, _mm512_cmp_ps_mask(mv, _mm512_setzero_ps(), _CMP_LT_OQ), _mm512_setzero_si512(), q);
+    _mm512_mask_cvtepi32_storeu_epi8(mc, k, q);
+    __m512 us = _mm512_mul_ps(_mm512_loadu_ps(sbuf), inv_s);
+    __m512i nqs = _mm512_add_epi32(_mm512_castps_si512(us), _mm512_srli_epi32(r, 13));
+    nqs = _mm512_srli_epi32(_mm512_sub_epi32(nqs, i1(112u << 23)), 19);
+    __m512i sqs = _mm512_cvt_roundps_epi32(_mm512_mul_ps(us, v1(262144.0f)), _MM_FROUND_TO_POS_INF | _MM_FROUND_NO_EXC);
+    __m512i qs = _mm512_mask_blend_epi32(_mm512_cmp_ps_mask(us, v1(6.103515625e-05f), _CMP_LT_OQ), nqs, sqs);
+    _mm512_mask_cvtepi32_storeu_epi8(fc, k, _mm512_min_epi32(qs, i1(255)));
+}
+/* pass C of an 8-bit tensor, elements [lo, hi) in whole blocks (but the tensor's last) */
+static void pass_c_simd(float *th, const float *g, int8_t *mc, uint8_t *fc, float *msc, float *fsc, int64_t bs,
+                        int64_t lo, int64_t hi, const tscal *s) {
+    float mbuf[MAX_BLOCK + 16], sbuf[MAX_BLOCK + 16];
+    const cvec c = {v1(s->gmul), v1(s->bh),     v1(s->omb),  v1(s->eps_hat), v1(1.0f), v1(s->inv_kg),
+                    v1(s->inv_kw), v1(s->b1), v1(s->omb1), v1(s->neg_lr),  v1(s->wd)};
+    const __m512i weyl16 = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+                                              i1(WEYL));
+    const int dn = dn_ok();
+    for (int64_t blo = lo; blo < hi; blo += bs) {
+        const int64_t blk = blo / bs, bhi = blo + bs < hi ? blo + bs : hi, len = bhi - blo;
+        __m512 vam = _mm512_setzero_ps(), vas = vam;
+        if (dn && msc[blk] * 0x1p120f <= FLT_MAX && fsc[blk] * 0x1p112f <= FLT_MAX) {
+            const __m512 ms_old = v1(msc[blk] * 0x1p120f), fs_old = v1(fsc[blk] * 0x1p112f);
+            if (s->want_w) c_update(th, g, mc, fc, blo, len, ms_old, fs_old, &c, 1, 1, mbuf, sbuf, &vam, &vas);
+            else c_update(th, g, mc, fc, blo, len, ms_old, fs_old, &c, 1, 0, mbuf, sbuf, &vam, &vas);
+        } else {
+            const __m512 ms_old = v1(msc[blk]), fs_old = v1(fsc[blk]);
+            if (s->want_w) c_update(th, g, mc, fc, blo, len, ms_old, fs_old, &c, 0, 1, mbuf, sbuf, &vam, &vas);
+            else c_update(th, g, mc, fc, blo, len, ms_old, fs_old, &c, 0, 0, mbuf, sbuf, &vam, &vas);
+        }
+        float amax_m = _mm512_reduce_max_ps(vam), amax_s = _mm512_reduce_max_ps(vas);
+        const uint32_t rb = lowbias32((uint32_t)blk ^ s->seed) + (uint32_t)blo * WEYL;
+        if (!s->finite || !(amax_m <= 3.4e38f && amax_s <= 3.4e38f)) {
+            encode_block_any(mc + blo, fc + blo, mbuf, sbuf, len, rb, &amax_m, &amax_s);
+        } else {
+            const __m512 inv_m = v1(amax_m > 0.0f ? VMAX / amax_m : 0.0f);
+            const __m512 inv_s = v1(amax_s > 0.0f ? VMAX / amax_s : 0.0f);
+            __m512i r = _mm512_add_epi32(i1(rb), weyl16);
+            int64_t j = 0;
+            for (; j + 16 <= len; j += 16, r = _mm512_add_epi32(r, i1(16u * WEYL)))
+                c_encode(mc + blo + j, fc + blo + j, mbuf + j, sbuf + j, (__mmask16)0xFFFF, inv_m, inv_s, r);
+            if (j < len) c_encode(mc + blo + j, fc + blo + j, mbuf + j, sbuf + j, lanes(len - j), inv_m, inv_s, r);
+        }
+        msc[blk] = amax_m / VMAX;
+        fsc[blk] = amax_s / VMAX;
+    }
+}
+
+/* the AVX-512 passes take fp32 params, 8-bit state, p = 0.5 and whole vectors per block */
+static inline int simd_applies(const float *fsc, int64_t bs, const tscal *s) {
+    return use_simd && fsc != NULL && s->p_half && bs % 16 == 0;
+}
+#define TRY_SIMD_B_f32(th, g, fstate, fsc, bs, lo, hi, s, out)                                                      \
+    (simd_applies(fsc, bs, s) ? (pass_b_simd(th, g, (const uint8_t *)(fstate), fsc, bs, lo, hi, s, out), 1) : 0)
+#define TRY_SIMD_C_f32(th, g, mc, fc, msc, fsc, bs, lo, hi, s)                                                      \
+    (simd_applies(fsc, bs, s) ? (pass_c_simd(th, g, mc, fc, msc, fsc, bs, lo, hi, s), 1) : 0)
+#else
+#define TRY_SIMD_B_f32(...) 0
+#define TRY_SIMD_C_f32(...) 0
+#endif
+#define TRY_SIMD_B_bf16(...) 0
+#define TRY_SIMD_C_bf16(...) 0
+#define TRY_SIMD_B_f16(...) 0
+#define TRY_SIMD_C_f16(...) 0
+
 /* ---------------------------------------------------------------- passes, per param storage type */
-#define DEFINE_PASSES(NAME, PT, LDP, STP)                                                                          \
-    static double pass_a_##NAME(const PT *g, int64_t lo, int64_t hi, float gmul) {                                 \
+#define DEFINE_PASSES(NAME, PT, LDP, STP)                                                                           \
+    static double pass_a_##NAME(const PT *g, int64_t lo, int64_t hi, float gmul) {                                  \
         double s = 0.0;                                                                                             \
         _Pragma("omp simd reduction(+:s)") for (int64_t i = lo; i < hi; ++i) {                                      \
             float v = LDP(g[i]) * gmul;                                                                             \
-            s += (double)v * (double)v; /* squared in double: no underflow or overflow */                           \
+            SQ_ADD(s, v); /* squared in double: no underflow or overflow */                                         \
         }                                                                                                           \
         return s;                                                                                                   \
     }                                                                                                               \
@@ -261,10 +510,10 @@ static void combine_sums(int phase, int64_t i, int64_t c0, int64_t c1, const dou
             float fn = fo * bh + (gv * gv) * omb;                                                                   \
             float rd = 1.0f / ((p_half ? sqrtf(fn) : powf(fn, p)) + eps_hat);                                       \
             float nb = gv * rd;                                                                                     \
-            a += (double)nb * (double)nb;                                                                           \
+            SQ_ADD(a, nb);                                                                                          \
             if (want_w) {                                                                                           \
                 float w = LDP(th[i]) * rd;                                                                          \
-                b += (double)w * (double)w;                                                                         \
+                SQ_ADD(b, w);                                                                                       \
             }                                                                                                       \
         }                                                                                                           \
         ab[0] += a;                                                                                                 \
@@ -292,8 +541,9 @@ static void combine_sums(int phase, int64_t i, int64_t c0, int64_t c1, const dou
         out[0] = ab[0];                                                                                             \
         out[1] = ab[1];                                                                                             \
     }                                                                                                               \
-    static void pass_b_##NAME(const PT *th, const PT *g, const void *fstate, const float *fsc, int64_t bs,         \
+    static void pass_b_##NAME(const PT *th, const PT *g, const void *fstate, const float *fsc, int64_t bs,          \
                               int64_t lo, int64_t hi, const tscal *s, double *out) {                                \
+        if (TRY_SIMD_B_##NAME(th, g, fstate, fsc, bs, lo, hi, s, out)) return;                                      \
         const int q = fsc != NULL;                                                                                  \
         const int dn = q && dn_ok();                                                                                \
         if (q && s->p_half && s->want_w) {                                                                          \
@@ -306,14 +556,15 @@ static void combine_sums(int phase, int64_t i, int64_t c0, int64_t c1, const dou
         else pass_b_impl_##NAME(th, g, fstate, fsc, bs, lo, hi, s, 0, s->p_half, s->want_w, 0, out);                \
     }                                                                                                               \
     /* the update of one quantization block [blo, bhi) of an 8-bit tensor */                                        \
-    static inline __attribute__((always_inline)) void pass_c_block_##NAME(                                         \
-        PT *th, const PT *g, int8_t *mc, uint8_t *fc, float *msc, float *fsc, int64_t blk, int64_t blo,            \
+    static inline __attribute__((always_inline)) void pass_c_block_##NAME(                                          \
+        PT *th, const PT *g, int8_t *mc, uint8_t *fc, float *msc, float *fsc, int64_t blk, int64_t blo,             \
         int64_t bhi, const tscal *s, const int p_half, const int want_w, const int dn, float *mbuf,                 \
         float *sbuf) {                                                                                              \
-        const float gmul = s->gmul, bh = s->bh, omb = s->omb, eps_hat = s->eps_hat, p = s->p;                      \
-        const float inv_kg = s->inv_kg, inv_kw = s->inv_kw, b1 = s->b1, omb1 = s->omb1;                            \
+        const float gmul = s->gmul, bh = s->bh, omb = s->omb, eps_hat = s->eps_hat, p = s->p;                       \
+        const float inv_kg = s->inv_kg, inv_kw = s->inv_kw, b1 = s->b1, omb1 = s->omb1;                             \
         const float neg_lr = s->neg_lr, wd = s->wd;                                                                 \
-        const uint32_t seed = s->seed;                                                                              \
+        /* f's rounding bits: this block's hashed start, then + WEYL per element (32-bit: wraps as it should) */    \
+        const uint32_t hb = lowbias32((uint32_t)blk ^ s->seed), ib = (uint32_t)blo;                                 \
         /* dn: the codes' float32 subnormal bits times the scales * 2^120 (m) and * 2^112 (s) (finite: the caller   \
            checks), the same products as decode * scale */                                                          \
         const float ms_old = dn ? msc[blk] * 0x1p120f : msc[blk], fs_old = dn ? fsc[blk] * 0x1p112f : fsc[blk];     \
@@ -340,37 +591,30 @@ static void combine_sums(int phase, int64_t i, int64_t c0, int64_t c1, const dou
             amax_m = am > amax_m ? am : amax_m;                                                                     \
             amax_s = sn > amax_s ? sn : amax_s;                                                                     \
         }                                                                                                           \
-        /* A NaN in m or s implies a non-finite per-tensor sum (see the header), so a block is checked for NaN     \
+        /* A NaN in m or s implies a non-finite per-tensor sum (see the header), so a block is checked for NaN      \
            only when s->finite is 0, or when its maxima overflowed */                                               \
         if (!s->finite || !(amax_m <= 3.4e38f && amax_s <= 3.4e38f)) {                                              \
-            amax_m = amax_s = 0.0f;                                                                                 \
-            for (int64_t j = 0; j < len; ++j) {                                                                     \
-                amax_m = nan_max(amax_m, fabsf(mbuf[j]));                                                           \
-                amax_s = nan_max(amax_s, sbuf[j]);                                                                  \
-            }                                                                                                       \
-            const float im = amax_m > 0.0f ? VMAX / amax_m : 0.0f, is = amax_s > 0.0f ? VMAX / amax_s : 0.0f;       \
-            for (int64_t j = 0; j < len; ++j) {                                                                     \
-                int32_t q = enc_e3m4_any(fabsf(mbuf[j]) * im);                                                      \
-                mc[blo + j] = (int8_t)(mbuf[j] < 0.0f ? -q : q);                                                    \
-                fc[blo + j] = (uint8_t)enc_e4m4_sr_any(sbuf[j] * is,                                                \
-                    lowbias32((uint32_t)(blo + j) ^ seed));                                                         \
-            }                                                                                                       \
+            encode_block_any(mc + blo, fc + blo, mbuf, sbuf, len, hb + ib * WEYL, &amax_m, &amax_s);                \
         } else {                                                                                                    \
             const float inv_m = amax_m > 0.0f ? VMAX / amax_m : 0.0f;                                               \
             const float inv_s = amax_s > 0.0f ? VMAX / amax_s : 0.0f;                                               \
-            _Pragma("omp simd") for (int64_t j = 0; j < len; ++j) {                                                 \
+            const uint32_t rb = hb + ib * WEYL;                                                                     \
+            int8_t *mcb = mc + blo;                                                                                 \
+            uint8_t *fcb = fc + blo;                                                                                \
+            const int32_t n32 = (int32_t)len;                                                                       \
+            _Pragma("omp simd") for (int32_t j = 0; j < n32; ++j) {                                                 \
                 float mv = mbuf[j];                                                                                 \
                 int32_t q = enc_e3m4(fabsf(mv) * inv_m);                                                            \
-                mc[blo + j] = (int8_t)(mv < 0.0f ? -q : q);                                                         \
-                fc[blo + j] = (uint8_t)enc_e4m4_sr(sbuf[j] * inv_s,                                                 \
-                    lowbias32((uint32_t)(blo + j) ^ seed));                                                         \
+                mcb[j] = (int8_t)(mv < 0.0f ? -q : q);                                                              \
+                fcb[j] = (uint8_t)enc_e4m4_sr(sbuf[j] * inv_s, rb + (uint32_t)j * WEYL);                            \
             }                                                                                                       \
         }                                                                                                           \
         msc[blk] = amax_m / VMAX;                                                                                   \
         fsc[blk] = amax_s / VMAX;                                                                                   \
     }                                                                                                               \
-    static void pass_c_q_##NAME(PT *th, const PT *g, int8_t *mc, uint8_t *fc, float *msc, float *fsc, int64_t bs,  \
+    static void pass_c_q_##NAME(PT *th, const PT *g, int8_t *mc, uint8_t *fc, float *msc, float *fsc, int64_t bs,   \
                                 int64_t lo, int64_t hi, const tscal *s) {                                           \
+        if (TRY_SIMD_C_##NAME(th, g, mc, fc, msc, fsc, bs, lo, hi, s)) return;                                      \
         float mbuf[MAX_BLOCK], sbuf[MAX_BLOCK];                                                                     \
         const int dn = dn_ok();                                                                                     \
         for (int64_t blo = lo; blo < hi; blo += bs) {                                                               \
@@ -389,7 +633,7 @@ static void combine_sums(int phase, int64_t i, int64_t c0, int64_t c1, const dou
         }                                                                                                           \
     }                                                                                                               \
     /* fp32-state tensors (small ones): FAdam's update on float m and f */                                          \
-    static void pass_c_f_##NAME(PT *th, const PT *g, float *m, float *f, int64_t lo, int64_t hi, const tscal *s) { \
+    static void pass_c_f_##NAME(PT *th, const PT *g, float *m, float *f, int64_t lo, int64_t hi, const tscal *s) {  \
         for (int64_t i = lo; i < hi; ++i) {                                                                         \
             float gv = LDP(g[i]) * s->gmul;                                                                         \
             float fn = f[i] * s->bh + (gv * gv) * s->omb;                                                           \
@@ -405,7 +649,7 @@ static void combine_sums(int phase, int64_t i, int64_t c0, int64_t c1, const dou
         }                                                                                                           \
     }                                                                                                               \
                                                                                                                     \
-    static void run_chunk_##NAME(int phase, int64_t c, const int64_t *ctid, const int64_t *cstart, int64_t cs,     \
+    static void run_chunk_##NAME(int phase, int64_t c, const int64_t *ctid, const int64_t *cstart, int64_t cs,      \
                                  void *const *params, void *const *grads, void *const *ms, void *const *fs,         \
                                  float *const *msc, float *const *fsc, const int64_t *numels,                       \
                                  const double *lnumels, const double *bhat, const int64_t *seeds,                   \
@@ -428,8 +672,8 @@ static void combine_sums(int phase, int64_t i, int64_t c0, int64_t c1, const dou
         }                                                                                                           \
     }                                                                                                               \
                                                                                                                     \
-    int hf_fadam8_step_##NAME(int64_t n, void *const *params, void *const *grads, void *const *ms,                 \
-                              void *const *fs, float *const *msc, float *const *fsc, const int64_t *numels,        \
+    int hf_fadam8_step_##NAME(int64_t n, void *const *params, void *const *grads, void *const *ms,                  \
+                              void *const *fs, float *const *msc, float *const *fsc, const int64_t *numels,         \
                               const double *lnumels, const double *bhat, const int64_t *seeds, double *sums,        \
                               const fadam8_hparams *hp,                                                             \
                               int phase, int nthreads) {                                                            \
@@ -455,7 +699,7 @@ static void combine_sums(int phase, int64_t i, int64_t c0, int64_t c1, const dou
                 cstart[c] = lo;                                                                                     \
             }                                                                                                       \
         if (nthreads < 1) nthreads = 1;                                                                             \
-        if (total < 2 * CHUNK_TARGET || nchunks < 2) nthreads = 1;                                                  \
+        if (total < MIN_PARALLEL || nchunks < 2) nthreads = 1;                                                      \
         /* phase 0 (one process): A, B and C in one parallel region, the chunk partials combined in                 \
            between; 1, 2, 3: one phase, the caller reduces the sums between the calls. Tensor-by-tensor             \
            scheduling (each tensor's passes back to back while it is in the cache, as the fp32 kernel does)         \
@@ -486,11 +730,12 @@ DEFINE_PASSES(f32, float, ID, ID)
 DEFINE_PASSES(bf16, uint16_t, bf16_load, bf16_store)
 DEFINE_PASSES(f16, uint16_t, f16_load, f16_store)
 
-/* test hooks: the maps, element by element; sr: the f map's stochastic rounding with r = lowbias32(i ^ seed) */
-void hf_fadam8_encode(const float *u, int32_t *q, int64_t n, int signed_map, int sr, int64_t seed) {
+/* test hooks: the maps, element by element; sr: the f map's stochastic rounding with the bits of _quant.sr_bits,
+   r = lowbias32(i / block_size ^ seed) + i * WEYL */
+void hf_fadam8_encode(const float *u, int32_t *q, int64_t n, int signed_map, int sr, int64_t seed, int64_t bs) {
     for (int64_t i = 0; i < n; ++i)
         q[i] = signed_map ? enc_e3m4(u[i])
-               : sr       ? enc_e4m4_sr(u[i], lowbias32((uint32_t)i ^ (uint32_t)seed))
+               : sr       ? enc_e4m4_sr(u[i], lowbias32((uint32_t)(i / bs) ^ (uint32_t)seed) + (uint32_t)i * WEYL)
                           : enc_e4m4(u[i]);
 }
 void hf_fadam8_decode(const int32_t *q, float *v, int64_t n, int signed_map) {

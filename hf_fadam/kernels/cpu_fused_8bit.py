@@ -26,7 +26,7 @@ from . import _cpu_build
 __all__ = ["fadam8bit_cpu_", "is_available", "is_supported", "unavailable_reason"]
 
 _SOURCE = Path(__file__).with_name("_fadam8bit_cpu.c")
-_ABI = 2
+_ABI = 3
 _KERNELS = {torch.float32: "f32", torch.bfloat16: "bf16", torch.float16: "f16"}
 MAX_BLOCK = 4096
 
@@ -61,6 +61,8 @@ def _loader(path: Path) -> ctypes.CDLL:
         fn.restype = ctypes.c_int
     for name in ("hf_fadam8_encode", "hf_fadam8_decode"):
         getattr(lib, name).restype = None
+    lib.hf_fadam8_set_simd.argtypes = [ctypes.c_int]
+    lib.hf_fadam8_set_simd.restype = ctypes.c_int
     return lib
 
 
@@ -88,17 +90,24 @@ def is_supported(param_dtype: torch.dtype) -> bool:
     return param_dtype in _KERNELS
 
 
-def encode(u: Tensor, signed: bool, seed: int | None = None) -> Tensor:
+def set_simd(on: bool) -> bool:
+    """Test hook: let the kernel use its AVX-512 passes where they apply (the default) or never; returns whether this
+    build has them (compiled with AVX-512 F/BW/VL). They compute what the generic loops compute (see the C file)."""
+    return bool(_get_lib().hf_fadam8_set_simd(int(bool(on))))
+
+
+def encode(u: Tensor, signed: bool, seed: int | None = None, block_size: int = 256) -> Tensor:
     """The kernel's encoder on float32 values (test hook): int32 codes of the m map (signed) or the f map.
 
-    ``seed``: the f map's stochastic rounding with the random bits of element ``i`` = ``lowbias32(i ^ seed)``.
+    ``seed``: the f map's stochastic rounding with the random bits of :func:`hf_fadam._quant.sr_bits` (``u`` flat, in
+    blocks of ``block_size``).
     """
     lib = _get_lib()
     u = u.to(torch.float32).contiguous()
     q = torch.empty(u.shape, dtype=torch.int32)
     lib.hf_fadam8_encode(ctypes.c_void_p(u.data_ptr()), ctypes.c_void_p(q.data_ptr()), ctypes.c_int64(u.numel()),
                          ctypes.c_int(int(signed)), ctypes.c_int(seed is not None),
-                         ctypes.c_int64(0 if seed is None else int(seed)))  # fmt: skip
+                         ctypes.c_int64(0 if seed is None else int(seed)), ctypes.c_int64(block_size))  # fmt: skip
     return q
 
 
