@@ -392,6 +392,31 @@ def test_c_kernel_avx512_passes_equal_the_generic_loops(hyper_name, flush):
 
 
 @needs_c
+@pytest.mark.parametrize("simd", [True, False])
+def test_c_kernel_eps_hat_underflow_gives_the_references_nans(simd):
+    # RMS(g) ~ 1e-40: eps_hat = RMS(g) * eps underflows float32 to 0, and a zero gradient over a zero f code is 0/0.
+    # The kernel then takes its NaN-propagating path, as for a non-finite gradient, and matches the reference.
+    state = _state([(4096,)], seed=1, block=64)
+    state[1][0] = torch.full((4096,), 1e-40)
+    state[1][0][:100] = 0.0
+    f = torch.rand(4096, generator=torch.Generator().manual_seed(0)) * 1e-3
+    f[:100] = 0.0
+    state[3][0], state[5][0] = quantize_blockwise(f, 64, False)
+    ref = _clone(state)
+    _step("forloop", ref)
+    if cpu_fused_8bit.set_simd(simd) is False and simd:
+        pytest.skip("this build of the kernel has no AVX-512 passes")
+    try:
+        out = _clone(state)
+        _step("c", out)
+    finally:
+        cpu_fused_8bit.set_simd(True)
+    assert ref[4][0].isnan().any()  # the case occurs: some m scale is NaN in the reference
+    for k in (0, 2, 3, 4, 5):
+        torch.testing.assert_close(out[k][0].float(), ref[k][0].float(), equal_nan=True, rtol=1e-5, atol=1e-7)
+
+
+@needs_c
 def test_c_kernel_same_result_with_denormals_flushed():
     # The kernel decodes codes through float32 subnormals where the CPU keeps them (DAZ clear), and falls back to
     # arithmetic decoding where they are flushed: both must give the same bits. One thread: the caller's FP mode.

@@ -24,7 +24,8 @@
  * multiply and an add, in one instruction.
  *
  * Non-finite values: a NaN in m_new or s_new can only come from a NaN/inf gradient or an already non-finite state,
- * and either makes a per-tensor sum (and so eps_hat or a clip divisor) non-finite. So pass C takes each block's
+ * and either makes a per-tensor sum (and so eps_hat or a clip divisor) non-finite, or from eps_hat underflowing to 0
+ * (RMS(g) below ~1e-37: a zero gradient over a zero f code is then 0/0), which is checked too. So pass C takes each block's
  * maxima with plain vectorized max and encodes without NaN checks when the tensor's sums are finite, and falls back
  * to a NaN-propagating max (the block's scale becomes NaN, as in the reference) and NaN-safe encoding otherwise,
  * or when a block's maximum overflowed to inf.
@@ -227,7 +228,8 @@ static void scalars(tscal *s, const fadam8_hparams *hp, const double *sums, int6
         const double rg = sqrt(sums[n + i] / nd) / hp->clip, rw = sqrt(sums[2 * n + i] / nd) / hp->clip;
         s->inv_kg = (float)((rg > 1.0 || rg != rg) ? 1.0 / rg : 1.0);
         s->inv_kw = (float)((rw > 1.0 || rw != rw) ? 1.0 / rw : 1.0);
-        s->finite = isfinite(sums[i]) && isfinite(rg) && isfinite(rw);
+        /* eps_hat is 0 only when RMS(g) * eps underflows float32: then 0/0 can make a NaN from finite inputs */
+        s->finite = isfinite(sums[i]) && isfinite(rg) && isfinite(rw) && s->eps_hat > 0.0f;
     }
 }
 
@@ -388,8 +390,9 @@ static inline __attribute__((always_inline)) void c_vec(float *th, const float *
     sn = _mm512_maskz_mov_ps(k, sn);
     _mm512_storeu_ps(mbuf + j, mn);
     _mm512_storeu_ps(sbuf + j, sn);
-    *vam = _mm512_max_ps(*vam, _mm512_abs_ps(mn));
-    *vas = _mm512_max_ps(*vas, sn);
+    /* max(x, acc): MAXPS returns its second operand when either is NaN, so a NaN is dropped as in the generic loop */
+    *vam = _mm512_max_ps(_mm512_abs_ps(mn), *vam);
+    *vas = _mm512_max_ps(sn, *vas);
 }
 static inline __attribute__((always_inline)) void c_update(float *th, const float *g, const int8_t *mc,
                                                            const uint8_t *fc, int64_t blo, int64_t len, __m512 ms_old,
