@@ -68,17 +68,15 @@ the exact one; f = s**2 itself comes out high by the rounding variance, at most 
 so the EMA follows: 9 % rms after 500 steps, median -0.2 %. m's stochastic rounding was tried too and
 made training worse (it adds noise to the update itself); it stays round-to-nearest.
 
-The random bits are counter-based, so every implementation produces the same codes and a resumed run the same
-trajectory: ``r = lowbias32(b ^ seed) + i * 0x9E3779B9`` (mod 2**32) for the element's index ``i`` in its (local)
-tensor and its block ``b = i // block_size``, with ``seed = lowbias32(stream ^ lowbias32(t))``, ``t`` the tensor's
-step count after the step and ``stream`` the parameter's position in the optimizer (over all groups). ``lowbias32``
-is C. Wellons' 32-bit integer hash (``x ^= x >> 16; x *= 0x7FEB352D; x ^= x >> 15; x *= 0x846CA68B; x ^= x >> 16``,
-uint32 arithmetic). Within a block the bits are a Weyl sequence (golden-ratio increment) from a hashed start: one
-integer add per element where a hash per element cost two multiplies and three shift-xors, ~15 % of the fused CPU
-kernel's update pass. What the rounding needs holds: for one element, the start is a fresh hash of the step's seed
-each step, so its bits are uniform and independent from step to step (each stored value is unbiased, the EMA
-follows); neighbours in a block are tied by fixed offsets, which biases no element and no sum; within a block the top bits of ``i * 0x9E3779B9`` are equidistributed (low discrepancy), so the block's
-rounding errors partly cancel rather than add; blocks and tensors start at independent hashes. The normal-range
+The random bits are a counter-based hash, so every implementation produces the same codes and a resumed run the same
+trajectory: ``r = lowbias32(i ^ seed)`` for the element's index ``i`` in its (local) tensor (mod 2**32), with
+``seed = lowbias32(stream ^ lowbias32(t))``, ``t`` the tensor's step count after the step and ``stream`` the
+parameter's position in the optimizer (over all groups). ``lowbias32`` is C. Wellons' 32-bit integer hash
+(``x ^= x >> 16; x *= 0x7FEB352D; x ^= x >> 15; x *= 0x846CA68B; x ^= x >> 16``, uint32 arithmetic), so every element's
+bits are uniform and independent from step to step and from its neighbours'. (A cheaper variant, a hash per block
+and a Weyl sequence inside it, saved ~5 % of the fused CPU step and was measured in the convergence study: as good on
+the LM and VQ-VAE, one speech seed in ten failed to take off; it was not kept. benchmarks/convergence/results_8bit/
+NOTE.md.) The normal-range
 code is then ``(bits(u) + (r >> (32 - S))) >> S`` rebiased, ``S = 23 - man_bits``: the float32 mantissa bits below the
 kept ones plus a uniform integer in ``[0, 2**S)``, truncated, rounds up with probability equal to the discarded
 fraction, exactly.
@@ -105,7 +103,6 @@ __all__ = [
     "lowbias32",
     "sr_bits",
     "sr_seeds",
-    "WEYL",
     "dequantize_blockwise",
     "code_table",
 ]
@@ -202,15 +199,12 @@ def sr_seeds(streams: Tensor | Sequence[int] | None, steps: Tensor) -> Tensor:
     return lowbias32(s ^ lowbias32(t))
 
 
-#: The Weyl increment of the rounding bits within a block: 2**32 / golden ratio, odd.
-WEYL = 0x9E3779B9
+def sr_bits(numel: int, seed: Tensor | int, device: torch.device | str | None = None) -> Tensor:
+    """The 32 random bits of elements ``0 .. numel-1`` of a tensor with this seed: ``lowbias32(i ^ seed)``, int64.
 
-
-def sr_bits(numel: int, seed: Tensor | int, block_size: int, device: torch.device | str | None = None) -> Tensor:
-    """The 32 random bits of elements ``0 .. numel-1`` of a tensor with this seed and block size, int64:
-    ``lowbias32(i // block_size ^ seed) + i * WEYL`` mod 2**32 (the module docstring says why)."""
-    i = torch.arange(numel, dtype=torch.int64, device=device)
-    return (lowbias32((i // block_size) ^ seed) + (i & _M32) * WEYL) & _M32
+    ``seed`` may be a tensor that broadcasts against the elements, e.g. ``(steps, 1)`` for one tensor over steps."""
+    i = torch.arange(numel, dtype=torch.int64, device=device) & _M32
+    return lowbias32(i ^ seed)
 
 
 def num_blocks(numel: int, block_size: int) -> int:
@@ -255,7 +249,7 @@ def quantize_blockwise(
     inv = torch.where(absmax.isnan(), absmax, inv)
     random_bits = None
     if seed is not None:
-        random_bits, _ = _blocks(sr_bits(x.numel(), seed, block_size, x.device), block_size)
+        random_bits, _ = _blocks(sr_bits(x.numel(), seed, x.device), block_size)
     q = fmt.encode((mag * inv[:, None]).nan_to_num(0.0), random_bits)
     if signed:
         q = torch.where(blocks < 0, -q, q)

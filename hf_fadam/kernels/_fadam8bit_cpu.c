@@ -18,24 +18,24 @@
  * Tensors whose state is fp32 (below min_8bit_size; their scale pointers are NULL) run the same three passes on
  * float m and f. Codes are encoded with the bit operations of _quant.MiniFloat.encode, bit for bit the torch
  * reference given the same float input: m rounds to nearest even, f stochastically with the counter-based random
- * bits of _quant.sr_bits (r = lowbias32(block index ^ seed) + element index * WEYL, one seed per tensor and step from
- * the caller: one hash per block, one add per element). The build uses -ffp-contract=off. Sums of squares are
+ * bits of _quant.sr_bits (r = lowbias32(element index ^ seed), one seed per tensor and step from the caller). The
+ * build uses -ffp-contract=off. Sums of squares are
  * float64: a float squared in double is exact, so SQ_ADD's fma (where the target has one) gives the same bits as a
  * multiply and an add, in one instruction.
  *
  * Non-finite values: a NaN in m_new or s_new can only come from a NaN/inf gradient or an already non-finite state,
  * and either makes a per-tensor sum (and so eps_hat or a clip divisor) non-finite, or from eps_hat underflowing to 0
- * (RMS(g) below ~1e-37: a zero gradient over a zero f code is then 0/0), which is checked too. So pass C takes each block's
- * maxima with plain vectorized max and encodes without NaN checks when the tensor's sums are finite, and falls back
- * to a NaN-propagating max (the block's scale becomes NaN, as in the reference) and NaN-safe encoding otherwise,
- * or when a block's maximum overflowed to inf.
+ * (RMS(g) below ~1e-37: a zero gradient over a zero f code is then 0/0), which is checked too. So pass C takes each
+ * block's maxima with plain vectorized max and encodes without NaN checks when the tensor's sums are finite, and
+ * falls back to a NaN-propagating max (the block's scale becomes NaN, as in the reference) and NaN-safe encoding
+ * otherwise, or when a block's maximum overflowed to inf.
  *
  * Cost: decoding is a shift and a multiply per code through float32 subnormals (dn_ok(): AMD x86-64 without DAZ),
- * else a shift, an add and a select; encoding ~12 integer/float ops per state, plus f's rounding bits (an add; a
- * per-element hash instead, two multiplies and three shift-xors, cost 15 % of pass C). On the 2-core CPU of the
- * benchmarks here that codec work, on top of FAdam's sqrt and division in passes B and C, not memory traffic, sets
- * the step time (pass C costs the same per element with its data in L3 as streamed from memory), so passes B and C
- * of fp32 params have hand-vectorized AVX-512 versions (below; 10 % of the step) and chunks are long (11 %).
+ * else a shift, an add and a select; encoding ~12 integer/float ops per state, plus f's rounding hash (two
+ * multiplies, three shift-xors). On the 2-core CPU of the benchmarks here that codec work, on top of FAdam's sqrt
+ * and division in passes B and C, not memory traffic, sets the step time (pass C costs the same per element with its
+ * data in L3 as streamed from memory), so passes B and C of fp32 params have hand-vectorized AVX-512 versions
+ * (below; ~10 % of the step) and chunks are long (~10 %).
  */
 #include <float.h>
 #include <math.h>
@@ -47,7 +47,6 @@
 #endif
 
 #define HF_FADAM8_ABI 3
-#define WEYL 0x9E3779B9u /* _quant.WEYL */
 /* acc + x*x for float x in double (x*x exact): one fma where the target has it; a library fma call elsewhere would
    stop the loop vectorizing */
 #ifdef __FMA__
@@ -172,7 +171,7 @@ static inline int32_t enc_e4m4(float u) {
 /* the same for any u: NaN -> 0 (its block's scale is NaN or inf, so the block decodes to NaN either way) */
 static inline int32_t enc_e3m4_any(float u) { return u == u ? enc_e3m4(u) : 0; }
 static inline int32_t enc_e4m4_any(float u) { return u == u ? enc_e4m4(u) : 0; }
-/* C. Wellons' lowbias32: the start of a block's random bits for f's stochastic rounding (see _quant.py) */
+/* C. Wellons' lowbias32: the random bits of f's stochastic rounding (see _quant.py) */
 static inline uint32_t lowbias32(uint32_t x) {
     x ^= x >> 16;
     x *= 0x7feb352du;
@@ -198,7 +197,7 @@ static inline float nan_max(float a, float x) { return (x > a || x != x) ? x : a
 typedef struct {
     float gmul, bh, omb, eps_hat, inv_kg, inv_kw, p, b1, omb1, neg_lr, wd;
     int p_half, want_w, finite;
-    uint32_t seed; /* f's stochastic rounding: r = lowbias32(block index ^ seed) + element index * WEYL */
+    uint32_t seed; /* f's stochastic rounding: r = lowbias32(element index ^ seed) */
 } tscal;
 
 static void scalars(tscal *s, const fadam8_hparams *hp, const double *sums, int64_t n, int64_t i, double lnumel,
@@ -249,10 +248,10 @@ static void combine_sums(int phase, int64_t i, int64_t c0, int64_t c1, const dou
 }
 
 /* A block's codes where its values may be NaN or its maxima inf (the rare path of pass C, see the header): the
-   maxima taken again with NaN propagation into *amax_m, *amax_s, then NaN-safe encoding. rb: the block's first
-   rounding bits (the j-th element's are rb + j * WEYL). */
-static void encode_block_any(int8_t *mc, uint8_t *fc, const float *mbuf, const float *sbuf, int64_t len, uint32_t rb,
-                             float *amax_m, float *amax_s) {
+   maxima taken again with NaN propagation into *amax_m, *amax_s, then NaN-safe encoding. ib: the block's first
+   element index (element j's rounding bits are lowbias32((ib + j) ^ seed)). */
+static void encode_block_any(int8_t *mc, uint8_t *fc, const float *mbuf, const float *sbuf, int64_t len, uint32_t ib,
+                             uint32_t seed, float *amax_m, float *amax_s) {
     float am = 0.0f, as = 0.0f;
     for (int64_t j = 0; j < len; ++j) {
         am = nan_max(am, fabsf(mbuf[j]));
@@ -262,7 +261,7 @@ static void encode_block_any(int8_t *mc, uint8_t *fc, const float *mbuf, const f
     for (int64_t j = 0; j < len; ++j) {
         int32_t q = enc_e3m4_any(fabsf(mbuf[j]) * im);
         mc[j] = (int8_t)(mbuf[j] < 0.0f ? -q : q);
-        fc[j] = (uint8_t)enc_e4m4_sr_any(sbuf[j] * is, rb + (uint32_t)j * WEYL);
+        fc[j] = (uint8_t)enc_e4m4_sr_any(sbuf[j] * is, lowbias32((ib + (uint32_t)j) ^ seed));
     }
     *amax_m = am;
     *amax_s = as;
@@ -404,6 +403,14 @@ static inline __attribute__((always_inline)) void c_update(float *th, const floa
         c_vec(th, g, mc, fc, blo, j, (__mmask16)0xFFFF, ms_old, fs_old, c, dn, want_w, mbuf, sbuf, vam, vas);
     if (j < len) c_vec(th, g, mc, fc, blo, j, lanes(len - j), ms_old, fs_old, c, dn, want_w, mbuf, sbuf, vam, vas);
 }
+/* lowbias32 of 16 lanes */
+static inline __m512i lowbias32_16(__m512i x) {
+    x = _mm512_xor_si512(x, _mm512_srli_epi32(x, 16));
+    x = _mm512_mullo_epi32(x, i1(0x7feb352du));
+    x = _mm512_xor_si512(x, _mm512_srli_epi32(x, 15));
+    x = _mm512_mullo_epi32(x, i1(0x846ca68bu));
+    return _mm512_xor_si512(x, _mm512_srli_epi32(x, 16));
+}
 /* the codes of 16 values under mask k: m (enc_e3m4 of |m| * inv_m, signed) and s (enc_e4m4_sr of s * inv_s with
    the bits r) */
 static inline __attribute__((always_inline)) void c_encode(int8_t *mc, uint8_t *fc, const float *mbuf,
@@ -433,8 +440,7 @@ static void pass_c_simd(float *th, const float *g, int8_t *mc, uint8_t *fc, floa
     float mbuf[MAX_BLOCK + 16], sbuf[MAX_BLOCK + 16];
     const cvec c = {v1(s->gmul), v1(s->bh),     v1(s->omb),  v1(s->eps_hat), v1(1.0f), v1(s->inv_kg),
                     v1(s->inv_kw), v1(s->b1), v1(s->omb1), v1(s->neg_lr),  v1(s->wd)};
-    const __m512i weyl16 = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
-                                              i1(WEYL));
+    const __m512i iota = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
     const int dn = dn_ok();
     for (int64_t blo = lo; blo < hi; blo += bs) {
         const int64_t blk = blo / bs, bhi = blo + bs < hi ? blo + bs : hi, len = bhi - blo;
@@ -449,17 +455,19 @@ static void pass_c_simd(float *th, const float *g, int8_t *mc, uint8_t *fc, floa
             else c_update(th, g, mc, fc, blo, len, ms_old, fs_old, &c, 0, 0, mbuf, sbuf, &vam, &vas);
         }
         float amax_m = _mm512_reduce_max_ps(vam), amax_s = _mm512_reduce_max_ps(vas);
-        const uint32_t rb = lowbias32((uint32_t)blk ^ s->seed) + (uint32_t)blo * WEYL;
         if (!s->finite || !(amax_m <= 3.4e38f && amax_s <= 3.4e38f)) {
-            encode_block_any(mc + blo, fc + blo, mbuf, sbuf, len, rb, &amax_m, &amax_s);
+            encode_block_any(mc + blo, fc + blo, mbuf, sbuf, len, (uint32_t)blo, s->seed, &amax_m, &amax_s);
         } else {
             const __m512 inv_m = v1(amax_m > 0.0f ? VMAX / amax_m : 0.0f);
             const __m512 inv_s = v1(amax_s > 0.0f ? VMAX / amax_s : 0.0f);
-            __m512i r = _mm512_add_epi32(i1(rb), weyl16);
+            const __m512i seed = i1(s->seed);
             int64_t j = 0;
-            for (; j + 16 <= len; j += 16, r = _mm512_add_epi32(r, i1(16u * WEYL)))
-                c_encode(mc + blo + j, fc + blo + j, mbuf + j, sbuf + j, (__mmask16)0xFFFF, inv_m, inv_s, r);
-            if (j < len) c_encode(mc + blo + j, fc + blo + j, mbuf + j, sbuf + j, lanes(len - j), inv_m, inv_s, r);
+            for (; j + 16 <= len; j += 16)
+                c_encode(mc + blo + j, fc + blo + j, mbuf + j, sbuf + j, (__mmask16)0xFFFF, inv_m, inv_s,
+                         lowbias32_16(_mm512_xor_si512(_mm512_add_epi32(i1((uint32_t)(blo + j)), iota), seed)));
+            if (j < len)
+                c_encode(mc + blo + j, fc + blo + j, mbuf + j, sbuf + j, lanes(len - j), inv_m, inv_s,
+                         lowbias32_16(_mm512_xor_si512(_mm512_add_epi32(i1((uint32_t)(blo + j)), iota), seed)));
         }
         msc[blk] = amax_m / VMAX;
         fsc[blk] = amax_s / VMAX;
@@ -566,8 +574,7 @@ static inline int simd_applies(const float *fsc, int64_t bs, const tscal *s) {
         const float gmul = s->gmul, bh = s->bh, omb = s->omb, eps_hat = s->eps_hat, p = s->p;                       \
         const float inv_kg = s->inv_kg, inv_kw = s->inv_kw, b1 = s->b1, omb1 = s->omb1;                             \
         const float neg_lr = s->neg_lr, wd = s->wd;                                                                 \
-        /* f's rounding bits: this block's hashed start, then + WEYL per element (32-bit: wraps as it should) */    \
-        const uint32_t hb = lowbias32((uint32_t)blk ^ s->seed), ib = (uint32_t)blo;                                 \
+        const uint32_t seed = s->seed, ib = (uint32_t)blo; /* f's rounding bits: lowbias32((ib + j) ^ seed) */      \
         /* dn: the codes' float32 subnormal bits times the scales * 2^120 (m) and * 2^112 (s) (finite: the caller   \
            checks), the same products as decode * scale */                                                          \
         const float ms_old = dn ? msc[blk] * 0x1p120f : msc[blk], fs_old = dn ? fsc[blk] * 0x1p112f : fsc[blk];     \
@@ -597,11 +604,10 @@ static inline int simd_applies(const float *fsc, int64_t bs, const tscal *s) {
         /* A NaN in m or s implies a non-finite per-tensor sum (see the header), so a block is checked for NaN      \
            only when s->finite is 0, or when its maxima overflowed */                                               \
         if (!s->finite || !(amax_m <= 3.4e38f && amax_s <= 3.4e38f)) {                                              \
-            encode_block_any(mc + blo, fc + blo, mbuf, sbuf, len, hb + ib * WEYL, &amax_m, &amax_s);                \
+            encode_block_any(mc + blo, fc + blo, mbuf, sbuf, len, ib, seed, &amax_m, &amax_s);                      \
         } else {                                                                                                    \
             const float inv_m = amax_m > 0.0f ? VMAX / amax_m : 0.0f;                                               \
             const float inv_s = amax_s > 0.0f ? VMAX / amax_s : 0.0f;                                               \
-            const uint32_t rb = hb + ib * WEYL;                                                                     \
             int8_t *mcb = mc + blo;                                                                                 \
             uint8_t *fcb = fc + blo;                                                                                \
             const int32_t n32 = (int32_t)len;                                                                       \
@@ -609,7 +615,7 @@ static inline int simd_applies(const float *fsc, int64_t bs, const tscal *s) {
                 float mv = mbuf[j];                                                                                 \
                 int32_t q = enc_e3m4(fabsf(mv) * inv_m);                                                            \
                 mcb[j] = (int8_t)(mv < 0.0f ? -q : q);                                                              \
-                fcb[j] = (uint8_t)enc_e4m4_sr(sbuf[j] * inv_s, rb + (uint32_t)j * WEYL);                            \
+                fcb[j] = (uint8_t)enc_e4m4_sr(sbuf[j] * inv_s, lowbias32((ib + (uint32_t)j) ^ seed));               \
             }                                                                                                       \
         }                                                                                                           \
         msc[blk] = amax_m / VMAX;                                                                                   \
@@ -734,11 +740,11 @@ DEFINE_PASSES(bf16, uint16_t, bf16_load, bf16_store)
 DEFINE_PASSES(f16, uint16_t, f16_load, f16_store)
 
 /* test hooks: the maps, element by element; sr: the f map's stochastic rounding with the bits of _quant.sr_bits,
-   r = lowbias32(i / block_size ^ seed) + i * WEYL */
-void hf_fadam8_encode(const float *u, int32_t *q, int64_t n, int signed_map, int sr, int64_t seed, int64_t bs) {
+   r = lowbias32(i ^ seed) */
+void hf_fadam8_encode(const float *u, int32_t *q, int64_t n, int signed_map, int sr, int64_t seed) {
     for (int64_t i = 0; i < n; ++i)
         q[i] = signed_map ? enc_e3m4(u[i])
-               : sr       ? enc_e4m4_sr(u[i], lowbias32((uint32_t)(i / bs) ^ (uint32_t)seed) + (uint32_t)i * WEYL)
+               : sr       ? enc_e4m4_sr(u[i], lowbias32((uint32_t)i ^ (uint32_t)seed))
                           : enc_e4m4(u[i]);
 }
 void hf_fadam8_decode(const int32_t *q, float *v, int64_t n, int signed_map) {

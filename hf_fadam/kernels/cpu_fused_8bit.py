@@ -96,18 +96,17 @@ def set_simd(on: bool) -> bool:
     return bool(_get_lib().hf_fadam8_set_simd(int(bool(on))))
 
 
-def encode(u: Tensor, signed: bool, seed: int | None = None, block_size: int = 256) -> Tensor:
+def encode(u: Tensor, signed: bool, seed: int | None = None) -> Tensor:
     """The kernel's encoder on float32 values (test hook): int32 codes of the m map (signed) or the f map.
 
-    ``seed``: the f map's stochastic rounding with the random bits of :func:`hf_fadam._quant.sr_bits` (``u`` flat, in
-    blocks of ``block_size``).
+    ``seed``: the f map's stochastic rounding with the random bits of element ``i`` = ``lowbias32(i ^ seed)``.
     """
     lib = _get_lib()
     u = u.to(torch.float32).contiguous()
     q = torch.empty(u.shape, dtype=torch.int32)
     lib.hf_fadam8_encode(ctypes.c_void_p(u.data_ptr()), ctypes.c_void_p(q.data_ptr()), ctypes.c_int64(u.numel()),
                          ctypes.c_int(int(signed)), ctypes.c_int(seed is not None),
-                         ctypes.c_int64(0 if seed is None else int(seed)), ctypes.c_int64(block_size))  # fmt: skip
+                         ctypes.c_int64(0 if seed is None else int(seed)))  # fmt: skip
     return q
 
 

@@ -8,8 +8,7 @@ launched three times (``PHASE`` 0, 1, 2) with the reduce hook in between:
    ``sums[1, t] += Σ (g/D)²`` and ``sums[2, t] += Σ (θ/D)²``.
 2. ``m_new``, ``s_new = sqrt(f_new)`` and θ in registers; the block's absmax of m_new and max of s_new (NaN kept);
    codes and the two scales written (``hf_fadam._quant``'s maps: the same bit operations as the torch reference and
-   the C kernel; f rounds stochastically with ``lowbias32(block index ^ seed) + element index * WEYL``, one seed
-   per tensor and step). Tensors with fp32 state (no scales) store m and f directly.
+   the C kernel; f rounds stochastically with ``lowbias32(element index ^ seed)``, one seed per tensor and step). Tensors with fp32 state (no scales) store m and f directly.
 
 Params fp32, bf16 or fp16; the math is fp32 (sums and per-tensor scalars in float64). The host side builds two small
 int64 tables per call (chunk → tensor/offset; the addresses of param, grad, m, f and the two scales); the float
@@ -70,7 +69,7 @@ if triton is not None:
 
     @triton.jit
     def _lowbias32(x):
-        # C. Wellons' lowbias32 on uint32 (wrapping multiplies): the start of a block's rounding bits (hf_fadam._quant)
+        # C. Wellons' lowbias32 on uint32 (wrapping multiplies): f's stochastic rounding bits (hf_fadam._quant)
         x = x ^ (x >> 16)
         x = x * 0x7FEB352D
         x = x ^ (x >> 15)
@@ -204,8 +203,7 @@ if triton is not None:
                     qm = _encode(tl.abs(mn) * inv_m, 120 << 4, 1024.0, 0.015625, 127, False)
                     tl.store(mc_ptr + offs, tl.where(mn < 0, -qm, qm).to(tl.int8), mask=mask)
                     seed = tl.load(seed_ptr + t).to(tl.uint32)
-                    r = _lowbias32(blk.to(tl.uint32) ^ seed) + offs.to(tl.uint32) * 0x9E3779B9  # _quant.WEYL
-                    qs = _encode_f_sr(sn * inv_s, r)
+                    qs = _encode_f_sr(sn * inv_s, _lowbias32(offs.to(tl.uint32) ^ seed))
                     tl.store(fc_ptr + offs, qs.to(tl.uint8), mask=mask)
                     # (on a skipped step the old scales are written back unchanged)
                     tl.store(msc_ptr + blk, tl.where(found, ms_old, tl.div_rn(amax_m, 1.9375)))
