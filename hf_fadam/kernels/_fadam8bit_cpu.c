@@ -19,9 +19,8 @@
  * float m and f. Codes are encoded with the bit operations of _quant.MiniFloat.encode, bit for bit the torch
  * reference given the same float input: m rounds to nearest even, f stochastically with the counter-based random
  * bits of _quant.sr_bits (r = lowbias32(element index ^ seed), one seed per tensor and step from the caller). The
- * build uses -ffp-contract=off. Sums of squares are
- * float64: a float squared in double is exact, so SQ_ADD's fma (where the target has one) gives the same bits as a
- * multiply and an add, in one instruction.
+ * build uses -ffp-contract=off. Sums of squares are float64: a float squared in double is exact, so SQ_ADD's fma
+ * (where the target has one) gives the same bits as a multiply and an add, in one instruction.
  *
  * Non-finite values: a NaN in m_new or s_new can only come from a NaN/inf gradient or an already non-finite state,
  * and either makes a per-tensor sum (and so eps_hat or a clip divisor) non-finite, or from eps_hat underflowing to 0
@@ -411,11 +410,13 @@ static inline __m512i lowbias32_16(__m512i x) {
     x = _mm512_mullo_epi32(x, i1(0x846ca68bu));
     return _mm512_xor_si512(x, _mm512_srli_epi32(x, 16));
 }
-/* the codes of 16 values under mask k: m (enc_e3m4 of |m| * inv_m, signed) and s (enc_e4m4_sr of s * inv_s with
-   the bits r) */
+/* the codes of 16 values under mask k, elements i0 .. i0 + 15 of their tensor: m (enc_e3m4 of |m| * inv_m, signed)
+   and s (enc_e4m4_sr of s * inv_s with the bits lowbias32(i ^ seed)) */
 static inline __attribute__((always_inline)) void c_encode(int8_t *mc, uint8_t *fc, const float *mbuf,
                                                            const float *sbuf, __mmask16 k, __m512 inv_m, __m512 inv_s,
-                                                           __m512i r) {
+                                                           uint32_t i0, __m512i seed) {
+    const __m512i iota = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+    const __m512i r = lowbias32_16(_mm512_xor_si512(_mm512_add_epi32(i1(i0), iota), seed));
     __m512 mv = _mm512_loadu_ps(mbuf);
     __m512 u = _mm512_mul_ps(_mm512_abs_ps(mv), inv_m);
     __m512i bits = _mm512_castps_si512(u);
@@ -440,7 +441,6 @@ static void pass_c_simd(float *th, const float *g, int8_t *mc, uint8_t *fc, floa
     float mbuf[MAX_BLOCK + 16], sbuf[MAX_BLOCK + 16];
     const cvec c = {v1(s->gmul), v1(s->bh),     v1(s->omb),  v1(s->eps_hat), v1(1.0f), v1(s->inv_kg),
                     v1(s->inv_kw), v1(s->b1), v1(s->omb1), v1(s->neg_lr),  v1(s->wd)};
-    const __m512i iota = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
     const int dn = dn_ok();
     for (int64_t blo = lo; blo < hi; blo += bs) {
         const int64_t blk = blo / bs, bhi = blo + bs < hi ? blo + bs : hi, len = bhi - blo;
@@ -464,10 +464,10 @@ static void pass_c_simd(float *th, const float *g, int8_t *mc, uint8_t *fc, floa
             int64_t j = 0;
             for (; j + 16 <= len; j += 16)
                 c_encode(mc + blo + j, fc + blo + j, mbuf + j, sbuf + j, (__mmask16)0xFFFF, inv_m, inv_s,
-                         lowbias32_16(_mm512_xor_si512(_mm512_add_epi32(i1((uint32_t)(blo + j)), iota), seed)));
+                         (uint32_t)(blo + j), seed);
             if (j < len)
                 c_encode(mc + blo + j, fc + blo + j, mbuf + j, sbuf + j, lanes(len - j), inv_m, inv_s,
-                         lowbias32_16(_mm512_xor_si512(_mm512_add_epi32(i1((uint32_t)(blo + j)), iota), seed)));
+                         (uint32_t)(blo + j), seed);
         }
         msc[blk] = amax_m / VMAX;
         fsc[blk] = amax_s / VMAX;
