@@ -384,6 +384,48 @@ def test_c_kernel_avx512_passes_equal_the_generic_loops(hyper_name, flush):
 
 
 @needs_c
+def test_c_kernel_avx512_codes_at_the_edges_of_the_maps():
+    # Blocks whose values span many decades: m codes in the map's subnormal range (|m| < 2^-6 of the block's
+    # maximum), s codes in the f map's subnormal range (s < 2^-14 of its maximum: rounded up, as the bits of
+    # u + 2^5 in the AVX-512 pass), exact zeros, and a block whose new m maximum is itself subnormal (VMAX / amax
+    # is inf: that block takes the NaN-safe encoder, the others the vector one). Both passes must give the generic
+    # loops' codes and scales bit for bit.
+    if not cpu_fused_8bit.set_simd(True):
+        pytest.skip("this build of the kernel has no AVX-512 passes")
+    n, block = 64 * 40, 64
+    gen = torch.Generator().manual_seed(5)
+    mag = lambda lo, hi: 10.0 ** (torch.rand(n, generator=gen) * (hi - lo) + lo)  # noqa: E731
+    sign = torch.randint(0, 2, (n,), generator=gen).float() * 2 - 1
+    g = sign * mag(-14, 0)
+    g[::7] = 0.0
+    m = -sign * mag(-9, 0)
+    f = mag(-24, 0)
+    f[::5] = 0.0
+    tiny = slice(3 * block, 4 * block)  # g = 0 and m ~ 1e-39: the new m maximum is 0.9 * 1e-39 < FLT_MIN
+    g[tiny] = 0.0
+    m[tiny] = torch.linspace(-1e-39, 1e-39, block)
+    mc, msc = quantize_blockwise(m, block, True)
+    fc, fsc = quantize_blockwise(f.sqrt(), block, False)
+    theta = torch.randn(n, generator=gen) * 0.1
+    state = [[theta], [g], [mc], [fc], [msc], [fsc], [torch.tensor(4.0)]]
+    outs = []
+    try:
+        for simd in (True, False):
+            cpu_fused_8bit.set_simd(simd)
+            out = _clone(state)
+            _step("c", out)
+            outs.append(out)
+    finally:
+        cpu_fused_8bit.set_simd(True)
+    for a, b in zip(outs[0], outs[1]):
+        assert torch.equal(a[0], b[0])
+    new_m, new_f, new_msc = outs[0][2][0].int(), outs[0][3][0].int(), outs[0][4][0]
+    assert ((new_m.abs() > 0) & (new_m.abs() < 16)).sum() > 50  # the cases occur
+    assert ((new_f > 0) & (new_f < 16)).sum() > 20
+    assert 0 < new_msc[3] * 1.9375 < torch.finfo(torch.float32).tiny
+
+
+@needs_c
 @pytest.mark.parametrize("simd", [True, False])
 def test_c_kernel_eps_hat_underflow_gives_the_references_nans(simd):
     # RMS(g) ~ 1e-40: eps_hat = RMS(g) * eps underflows float32 to 0, and a zero gradient over a zero f code is 0/0.

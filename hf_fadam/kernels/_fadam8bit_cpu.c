@@ -410,67 +410,127 @@ static inline __m512i lowbias32_16(__m512i x) {
     x = _mm512_mullo_epi32(x, i1(0x846ca68bu));
     return _mm512_xor_si512(x, _mm512_srli_epi32(x, 16));
 }
-/* the codes of 16 values under mask k, elements i0 .. i0 + 15 of their tensor: m (enc_e3m4 of |m| * inv_m, signed)
-   and s (enc_e4m4_sr of s * inv_s with the bits lowbias32(i ^ seed)) */
+/* the codes of 16 values under mask k, elements i0 .. i0 + 15 of their tensor (i0 a multiple of 16): m (enc_e3m4
+   of |m| * inv_m, signed) and s (enc_e4m4_sr of s * inv_s with the bits lowbias32(i ^ seed)). iseed: iota ^ seed,
+   so that i ^ seed = i0 ^ iseed. The caller guarantees a finite inv_m: then |m| * inv_m <= VMAX (1 + 2^-23), whose
+   code is 127, so m's codes need no clamp; s's do (its stochastic rounding can carry a value just above VMAX up). */
 static inline __attribute__((always_inline)) void c_encode(int8_t *mc, uint8_t *fc, const float *mbuf,
                                                            const float *sbuf, __mmask16 k, __m512 inv_m, __m512 inv_s,
-                                                           uint32_t i0, __m512i seed) {
-    const __m512i iota = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
-    const __m512i r = lowbias32_16(_mm512_xor_si512(_mm512_add_epi32(i1(i0), iota), seed));
+                                                           uint32_t i0, __m512i iseed) {
+    const __m512i r = lowbias32_16(_mm512_xor_si512(i1(i0), iseed));
     __m512 mv = _mm512_loadu_ps(mbuf);
     __m512 u = _mm512_mul_ps(_mm512_abs_ps(mv), inv_m);
     __m512i bits = _mm512_castps_si512(u);
-    __m512i nq = _mm512_add_epi32(_mm512_add_epi32(bits, i1(0x3ffffu - (120u << 23))),
-                                  _mm512_and_si512(_mm512_srli_epi32(bits, 19), i1(1)));
+    /* enc_e3m4: normal codes (bits + 0x3ffff - rebias + lsb) >> 19, the kept lsb added under a test mask;
+       subnormal codes the bits of u + 2^13 minus those of 2^13, selected under u < 2^-6 */
+    __m512i nq = _mm512_add_epi32(bits, i1(0x3ffffu - (120u << 23)));
+    nq = _mm512_mask_add_epi32(nq, _mm512_test_epi32_mask(bits, i1(1u << 19)), nq, i1(1));
     nq = _mm512_srli_epi32(nq, 19);
-    __m512i sq = _mm512_sub_epi32(_mm512_castps_si512(_mm512_add_ps(u, v1(8192.0f))), i1(0x46000000u));
-    __m512i q = _mm512_mask_blend_epi32(_mm512_cmp_ps_mask(u, v1(0.015625f), _CMP_LT_OQ), nq, sq);
-    q = _mm512_min_epi32(q, i1(127));
+    __m512i q = _mm512_mask_sub_epi32(nq, _mm512_cmp_ps_mask(u, v1(0.015625f), _CMP_LT_OQ),
+                                      _mm512_castps_si512(_mm512_add_ps(u, v1(8192.0f))), i1(0x46000000u));
     q = _mm512_mask_sub_epi32(q, _mm512_cmp_ps_mask(mv, _mm512_setzero_ps(), _CMP_LT_OQ), _mm512_setzero_si512(), q);
     _mm512_mask_cvtepi32_storeu_epi8(mc, k, q);
+    /* enc_e4m4_sr: normal codes (bits + (r >> 13) - rebias) >> 19; subnormal codes ceil(u * 2^18), as the bits of
+       u + 2^5 rounded up (its spacing is 2^-18) minus those of 2^5, selected under u < 2^-14 */
     __m512 us = _mm512_mul_ps(_mm512_loadu_ps(sbuf), inv_s);
     __m512i nqs = _mm512_add_epi32(_mm512_castps_si512(us), _mm512_srli_epi32(r, 13));
     nqs = _mm512_srli_epi32(_mm512_sub_epi32(nqs, i1(112u << 23)), 19);
-    __m512i sqs = _mm512_cvt_roundps_epi32(_mm512_mul_ps(us, v1(262144.0f)), _MM_FROUND_TO_POS_INF | _MM_FROUND_NO_EXC);
-    __m512i qs = _mm512_mask_blend_epi32(_mm512_cmp_ps_mask(us, v1(6.103515625e-05f), _CMP_LT_OQ), nqs, sqs);
+    __m512i sqs = _mm512_castps_si512(_mm512_add_round_ps(us, v1(32.0f), _MM_FROUND_TO_POS_INF | _MM_FROUND_NO_EXC));
+    __m512i qs = _mm512_mask_sub_epi32(nqs, _mm512_cmp_ps_mask(us, v1(6.103515625e-05f), _CMP_LT_OQ), sqs,
+                                       i1(0x42000000u));
     _mm512_mask_cvtepi32_storeu_epi8(fc, k, _mm512_min_epi32(qs, i1(255)));
 }
-/* pass C of an 8-bit tensor, elements [lo, hi) in whole blocks (but the tensor's last) */
+/* a block whose update is done and whose codes are still to be written: its new m and s in mbuf/sbuf, the
+   reciprocals of its new scales, and its maxima (the scales to store once the codes are written) */
+typedef struct {
+    int64_t blo, blk, len;
+    const float *mbuf, *sbuf;
+    __m512 inv_m, inv_s;
+    float amax_m, amax_s;
+} pending_codes;
+static inline __attribute__((always_inline)) void enc_vec(int8_t *mc, uint8_t *fc, const pending_codes *pe,
+                                                          int64_t j, __mmask16 k, __m512i seed) {
+    c_encode(mc + pe->blo + j, fc + pe->blo + j, pe->mbuf + j, pe->sbuf + j, k, pe->inv_m, pe->inv_s,
+             (uint32_t)(pe->blo + j), seed);
+}
+/* the update of the block [blo, blo + len), its vectors interleaved with the encoding of the previous block's
+   (*pe, len 0 if none): the update waits on memory, the encoding on the vector units, so together they overlap */
+static inline __attribute__((always_inline)) void c_block(float *th, const float *g, int8_t *mc, uint8_t *fc,
+                                                          int64_t blo, int64_t len, __m512 ms_old, __m512 fs_old,
+                                                          const cvec *c, const int dn, const int want_w, float *mbuf,
+                                                          float *sbuf, __m512 *vam, __m512 *vas,
+                                                          const pending_codes *pe, __m512i seed) {
+    const int64_t nf = len / 16, pf = pe->len / 16, both = nf < pf ? nf : pf;
+    const __mmask16 all = (__mmask16)0xFFFF;
+    int64_t v = 0;
+    for (; v < both; ++v) {
+        c_vec(th, g, mc, fc, blo, 16 * v, all, ms_old, fs_old, c, dn, want_w, mbuf, sbuf, vam, vas);
+        enc_vec(mc, fc, pe, 16 * v, all, seed);
+    }
+    for (int64_t u = v; u < nf; ++u)
+        c_vec(th, g, mc, fc, blo, 16 * u, all, ms_old, fs_old, c, dn, want_w, mbuf, sbuf, vam, vas);
+    if (16 * nf < len)
+        c_vec(th, g, mc, fc, blo, 16 * nf, lanes(len - 16 * nf), ms_old, fs_old, c, dn, want_w, mbuf, sbuf, vam,
+              vas);
+    for (int64_t u = v; u < pf; ++u) enc_vec(mc, fc, pe, 16 * u, all, seed);
+    if (16 * pf < pe->len) enc_vec(mc, fc, pe, 16 * pf, lanes(pe->len - 16 * pf), seed);
+}
+/* pass C of an 8-bit tensor, elements [lo, hi) in whole blocks (but the tensor's last): block b's update runs
+   together with block b-1's encoding (two buffers), the last block's encoding alone */
 static void pass_c_simd(float *th, const float *g, int8_t *mc, uint8_t *fc, float *msc, float *fsc, int64_t bs,
                         int64_t lo, int64_t hi, const tscal *s) {
-    float mbuf[MAX_BLOCK + 16], sbuf[MAX_BLOCK + 16];
+    float bufs[2][2][MAX_BLOCK + 16];
     const cvec c = {v1(s->gmul), v1(s->bh),     v1(s->omb),  v1(s->eps_hat), v1(1.0f), v1(s->inv_kg),
                     v1(s->inv_kw), v1(s->b1), v1(s->omb1), v1(s->neg_lr),  v1(s->wd)};
     const int dn = dn_ok();
+    const __m512i seed = _mm512_xor_si512(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+                                          i1(s->seed)); /* iota ^ seed (see c_encode) */
+    pending_codes pe = {0, 0, 0, NULL, NULL, _mm512_setzero_ps(), _mm512_setzero_ps(), 0.0f, 0.0f};
+    int slot = 0;
     for (int64_t blo = lo; blo < hi; blo += bs) {
         const int64_t blk = blo / bs, bhi = blo + bs < hi ? blo + bs : hi, len = bhi - blo;
+        float *mbuf = bufs[slot][0], *sbuf = bufs[slot][1];
         __m512 vam = _mm512_setzero_ps(), vas = vam;
         if (dn && msc[blk] * 0x1p120f <= FLT_MAX && fsc[blk] * 0x1p112f <= FLT_MAX) {
             const __m512 ms_old = v1(msc[blk] * 0x1p120f), fs_old = v1(fsc[blk] * 0x1p112f);
-            if (s->want_w) c_update(th, g, mc, fc, blo, len, ms_old, fs_old, &c, 1, 1, mbuf, sbuf, &vam, &vas);
-            else c_update(th, g, mc, fc, blo, len, ms_old, fs_old, &c, 1, 0, mbuf, sbuf, &vam, &vas);
+            if (s->want_w)
+                c_block(th, g, mc, fc, blo, len, ms_old, fs_old, &c, 1, 1, mbuf, sbuf, &vam, &vas, &pe, seed);
+            else c_block(th, g, mc, fc, blo, len, ms_old, fs_old, &c, 1, 0, mbuf, sbuf, &vam, &vas, &pe, seed);
         } else {
             const __m512 ms_old = v1(msc[blk]), fs_old = v1(fsc[blk]);
-            if (s->want_w) c_update(th, g, mc, fc, blo, len, ms_old, fs_old, &c, 0, 1, mbuf, sbuf, &vam, &vas);
-            else c_update(th, g, mc, fc, blo, len, ms_old, fs_old, &c, 0, 0, mbuf, sbuf, &vam, &vas);
+            if (s->want_w)
+                c_block(th, g, mc, fc, blo, len, ms_old, fs_old, &c, 0, 1, mbuf, sbuf, &vam, &vas, &pe, seed);
+            else c_block(th, g, mc, fc, blo, len, ms_old, fs_old, &c, 0, 0, mbuf, sbuf, &vam, &vas, &pe, seed);
+        }
+        if (pe.len > 0) {
+            msc[pe.blk] = pe.amax_m / VMAX;
+            fsc[pe.blk] = pe.amax_s / VMAX;
+            pe.len = 0;
         }
         float amax_m = _mm512_reduce_max_ps(vam), amax_s = _mm512_reduce_max_ps(vas);
-        if (!s->finite || !(amax_m <= 3.4e38f && amax_s <= 3.4e38f)) {
+        /* the rare path: a NaN possible, a maximum overflowed, or one so small (subnormal) that VMAX / amax_m is inf */
+        if (!s->finite || !(amax_m <= 3.4e38f && amax_s <= 3.4e38f) || (amax_m > 0.0f && amax_m < FLT_MIN)) {
             encode_block_any(mc + blo, fc + blo, mbuf, sbuf, len, (uint32_t)blo, s->seed, &amax_m, &amax_s);
+            msc[blk] = amax_m / VMAX;
+            fsc[blk] = amax_s / VMAX;
         } else {
-            const __m512 inv_m = v1(amax_m > 0.0f ? VMAX / amax_m : 0.0f);
-            const __m512 inv_s = v1(amax_s > 0.0f ? VMAX / amax_s : 0.0f);
-            const __m512i seed = i1(s->seed);
-            int64_t j = 0;
-            for (; j + 16 <= len; j += 16)
-                c_encode(mc + blo + j, fc + blo + j, mbuf + j, sbuf + j, (__mmask16)0xFFFF, inv_m, inv_s,
-                         (uint32_t)(blo + j), seed);
-            if (j < len)
-                c_encode(mc + blo + j, fc + blo + j, mbuf + j, sbuf + j, lanes(len - j), inv_m, inv_s,
-                         (uint32_t)(blo + j), seed);
+            pe.blo = blo;
+            pe.blk = blk;
+            pe.len = len;
+            pe.mbuf = mbuf;
+            pe.sbuf = sbuf;
+            pe.inv_m = v1(amax_m > 0.0f ? VMAX / amax_m : 0.0f);
+            pe.inv_s = v1(amax_s > 0.0f ? VMAX / amax_s : 0.0f);
+            pe.amax_m = amax_m;
+            pe.amax_s = amax_s;
+            slot ^= 1;
         }
-        msc[blk] = amax_m / VMAX;
-        fsc[blk] = amax_s / VMAX;
+    }
+    if (pe.len > 0) {
+        __m512 vam = _mm512_setzero_ps(), vas = vam;
+        c_block(th, g, mc, fc, hi, 0, vam, vas, &c, 0, 0, bufs[slot][0], bufs[slot][1], &vam, &vas, &pe, seed);
+        msc[pe.blk] = pe.amax_m / VMAX;
+        fsc[pe.blk] = pe.amax_s / VMAX;
     }
 }
 
