@@ -318,8 +318,9 @@ static inline __m512d hi8(__m512 x) {
 /* one vector of pass B: elements [i, i + 16) under mask k; adds to the float64 accumulators */
 static inline __attribute__((always_inline)) void b_vec(const float *th, const float *g, const uint8_t *fc, int64_t i,
                                                         __mmask16 k, __m512 sc, const __m512 *c, const int dn,
-                                                        const int want_w, __m512d *acc) {
-    __m512 gv = _mm512_mul_ps(_mm512_maskz_loadu_ps(k, g + i), c[0]);
+                                                        const int want_w, const int ug, __m512d *acc) {
+    __m512 gv = _mm512_maskz_loadu_ps(k, g + i);
+    if (!ug) gv = _mm512_mul_ps(gv, c[0]); /* ug: gmul is 1 */
     __m512 so = dec_s16(_mm512_cvtepu8_epi32(_mm_maskz_loadu_epi8(k, fc + i)), sc, dn);
     __m512 fn = _mm512_add_ps(_mm512_mul_ps(_mm512_mul_ps(so, so), c[1]), _mm512_mul_ps(_mm512_mul_ps(gv, gv), c[2]));
     __m512 rd = _mm512_div_ps(c[4], _mm512_add_ps(_mm512_sqrt_ps(fn), c[3]));
@@ -334,27 +335,29 @@ static inline __attribute__((always_inline)) void b_vec(const float *th, const f
 }
 static inline __attribute__((always_inline)) void b_block(const float *th, const float *g, const uint8_t *fc,
                                                           int64_t blo, int64_t bhi, __m512 sc, const __m512 *c,
-                                                          const int dn, const int want_w, __m512d *acc) {
+                                                          const int dn, const int want_w, const int ug,
+                                                          __m512d *acc) {
     int64_t i = blo;
-    for (; i + 16 <= bhi; i += 16) b_vec(th, g, fc, i, (__mmask16)0xFFFF, sc, c, dn, want_w, acc);
-    if (i < bhi) b_vec(th, g, fc, i, lanes(bhi - i), sc, c, dn, want_w, acc);
+    for (; i + 16 <= bhi; i += 16) b_vec(th, g, fc, i, (__mmask16)0xFFFF, sc, c, dn, want_w, ug, acc);
+    if (i < bhi) b_vec(th, g, fc, i, lanes(bhi - i), sc, c, dn, want_w, ug, acc);
 }
 /* pass B of an 8-bit tensor, elements [lo, hi) in whole blocks (but the tensor's last): out = the two sums */
 static void pass_b_simd(const float *th, const float *g, const uint8_t *fc, const float *fsc, int64_t bs, int64_t lo,
                         int64_t hi, const tscal *s, double *out) {
     __m512d acc[4] = {_mm512_setzero_pd(), _mm512_setzero_pd(), _mm512_setzero_pd(), _mm512_setzero_pd()};
     const __m512 c[5] = {v1(s->gmul), v1(s->bh), v1(s->omb), v1(s->eps_hat), v1(1.0f)};
-    const int dn = dn_ok();
+    const int dn = dn_ok(), flags = 2 * s->want_w + (s->gmul == 1.0f);
     for (int64_t blo = lo; blo < hi; blo += bs) {
         const int64_t bhi = blo + bs < hi ? blo + bs : hi;
         const float sc = fsc[blo / bs];
-        if (dn && sc * 0x1p112f <= FLT_MAX) {
-            if (s->want_w) b_block(th, g, fc, blo, bhi, v1(sc * 0x1p112f), c, 1, 1, acc);
-            else b_block(th, g, fc, blo, bhi, v1(sc * 0x1p112f), c, 1, 0, acc);
-        } else {
-            if (s->want_w) b_block(th, g, fc, blo, bhi, v1(sc), c, 0, 1, acc);
-            else b_block(th, g, fc, blo, bhi, v1(sc), c, 0, 0, acc);
+        const int dnb = dn && sc * 0x1p112f <= FLT_MAX;
+        const __m512 scv = v1(dnb ? sc * 0x1p112f : sc);
+#define B_CASE(F) \
+    case F: b_block(th, g, fc, blo, bhi, scv, c, (F) >> 2, ((F) >> 1) & 1, (F) & 1, acc); break
+        switch (4 * dnb + flags) {
+            B_CASE(0); B_CASE(1); B_CASE(2); B_CASE(3); B_CASE(4); B_CASE(5); B_CASE(6); B_CASE(7);
         }
+#undef B_CASE
     }
     out[0] = _mm512_reduce_add_pd(_mm512_add_pd(acc[0], acc[1]));
     out[1] = _mm512_reduce_add_pd(_mm512_add_pd(acc[2], acc[3]));
@@ -369,9 +372,11 @@ typedef struct {
 static inline __attribute__((always_inline)) void c_vec(float *th, const float *g, const int8_t *mc, const uint8_t *fc,
                                                         int64_t blo, int64_t j, __mmask16 k, __m512 ms_old,
                                                         __m512 fs_old, const cvec *c, const int dn, const int want_w,
-                                                        float *mbuf, float *sbuf, __m512 *vam, __m512 *vas) {
+                                                        const int ug, float *mbuf, float *sbuf, __m512 *vam,
+                                                        __m512 *vas) {
     const int64_t i = blo + j;
-    __m512 gv = _mm512_mul_ps(_mm512_maskz_loadu_ps(k, g + i), c->gmul);
+    __m512 gv = _mm512_maskz_loadu_ps(k, g + i);
+    if (!ug) gv = _mm512_mul_ps(gv, c->gmul); /* ug: gmul is 1 */
     __m512 so = dec_s16(_mm512_cvtepu8_epi32(_mm_maskz_loadu_epi8(k, fc + i)), fs_old, dn);
     __m512 fn = _mm512_add_ps(_mm512_mul_ps(_mm512_mul_ps(so, so), c->bh),
                               _mm512_mul_ps(_mm512_mul_ps(gv, gv), c->omb));
@@ -388,19 +393,12 @@ static inline __attribute__((always_inline)) void c_vec(float *th, const float *
     sn = _mm512_maskz_mov_ps(k, sn);
     _mm512_storeu_ps(mbuf + j, mn);
     _mm512_storeu_ps(sbuf + j, sn);
-    /* max(x, acc): MAXPS returns its second operand when either is NaN, so a NaN is dropped as in the generic loop */
-    *vam = _mm512_max_ps(_mm512_abs_ps(mn), *vam);
+    /* the block maxima: max(|mn|, vam) in one VRANGEPS (absolute max, sign cleared), which may keep a NaN, and
+       MAXPS, which returns its second operand when either is NaN and so drops one as the generic loop does. A NaN
+       cannot occur on the path that uses these maxima (see the header); one that did would send the block to the
+       NaN-safe encoder, which takes both maxima again, either way. */
+    *vam = _mm512_range_ps(mn, *vam, 0x0B);
     *vas = _mm512_max_ps(sn, *vas);
-}
-static inline __attribute__((always_inline)) void c_update(float *th, const float *g, const int8_t *mc,
-                                                           const uint8_t *fc, int64_t blo, int64_t len, __m512 ms_old,
-                                                           __m512 fs_old, const cvec *c, const int dn,
-                                                           const int want_w, float *mbuf, float *sbuf, __m512 *vam,
-                                                           __m512 *vas) {
-    int64_t j = 0;
-    for (; j + 16 <= len; j += 16)
-        c_vec(th, g, mc, fc, blo, j, (__mmask16)0xFFFF, ms_old, fs_old, c, dn, want_w, mbuf, sbuf, vam, vas);
-    if (j < len) c_vec(th, g, mc, fc, blo, j, lanes(len - j), ms_old, fs_old, c, dn, want_w, mbuf, sbuf, vam, vas);
 }
 /* lowbias32 of 16 lanes */
 static inline __m512i lowbias32_16(__m512i x) {
@@ -457,21 +455,21 @@ static inline __attribute__((always_inline)) void enc_vec(int8_t *mc, uint8_t *f
    (*pe, len 0 if none): the update waits on memory, the encoding on the vector units, so together they overlap */
 static inline __attribute__((always_inline)) void c_block(float *th, const float *g, int8_t *mc, uint8_t *fc,
                                                           int64_t blo, int64_t len, __m512 ms_old, __m512 fs_old,
-                                                          const cvec *c, const int dn, const int want_w, float *mbuf,
-                                                          float *sbuf, __m512 *vam, __m512 *vas,
+                                                          const cvec *c, const int dn, const int want_w, const int ug,
+                                                          float *mbuf, float *sbuf, __m512 *vam, __m512 *vas,
                                                           const pending_codes *pe, __m512i seed) {
     const int64_t nf = len / 16, pf = pe->len / 16, both = nf < pf ? nf : pf;
     const __mmask16 all = (__mmask16)0xFFFF;
     int64_t v = 0;
     for (; v < both; ++v) {
-        c_vec(th, g, mc, fc, blo, 16 * v, all, ms_old, fs_old, c, dn, want_w, mbuf, sbuf, vam, vas);
+        c_vec(th, g, mc, fc, blo, 16 * v, all, ms_old, fs_old, c, dn, want_w, ug, mbuf, sbuf, vam, vas);
         enc_vec(mc, fc, pe, 16 * v, all, seed);
     }
     for (int64_t u = v; u < nf; ++u)
-        c_vec(th, g, mc, fc, blo, 16 * u, all, ms_old, fs_old, c, dn, want_w, mbuf, sbuf, vam, vas);
+        c_vec(th, g, mc, fc, blo, 16 * u, all, ms_old, fs_old, c, dn, want_w, ug, mbuf, sbuf, vam, vas);
     if (16 * nf < len)
-        c_vec(th, g, mc, fc, blo, 16 * nf, lanes(len - 16 * nf), ms_old, fs_old, c, dn, want_w, mbuf, sbuf, vam,
-              vas);
+        c_vec(th, g, mc, fc, blo, 16 * nf, lanes(len - 16 * nf), ms_old, fs_old, c, dn, want_w, ug, mbuf, sbuf,
+              vam, vas);
     for (int64_t u = v; u < pf; ++u) enc_vec(mc, fc, pe, 16 * u, all, seed);
     if (16 * pf < pe->len) enc_vec(mc, fc, pe, 16 * pf, lanes(pe->len - 16 * pf), seed);
 }
@@ -485,23 +483,24 @@ static void pass_c_simd(float *th, const float *g, int8_t *mc, uint8_t *fc, floa
     const int dn = dn_ok();
     const __m512i seed = _mm512_xor_si512(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
                                           i1(s->seed)); /* iota ^ seed (see c_encode) */
+    const int flags = 2 * s->want_w + (s->gmul == 1.0f); /* the weight term; gmul is 1 */
     pending_codes pe = {0, 0, 0, NULL, NULL, _mm512_setzero_ps(), _mm512_setzero_ps(), 0.0f, 0.0f};
     int slot = 0;
     for (int64_t blo = lo; blo < hi; blo += bs) {
         const int64_t blk = blo / bs, bhi = blo + bs < hi ? blo + bs : hi, len = bhi - blo;
         float *mbuf = bufs[slot][0], *sbuf = bufs[slot][1];
         __m512 vam = _mm512_setzero_ps(), vas = vam;
-        if (dn && msc[blk] * 0x1p120f <= FLT_MAX && fsc[blk] * 0x1p112f <= FLT_MAX) {
-            const __m512 ms_old = v1(msc[blk] * 0x1p120f), fs_old = v1(fsc[blk] * 0x1p112f);
-            if (s->want_w)
-                c_block(th, g, mc, fc, blo, len, ms_old, fs_old, &c, 1, 1, mbuf, sbuf, &vam, &vas, &pe, seed);
-            else c_block(th, g, mc, fc, blo, len, ms_old, fs_old, &c, 1, 0, mbuf, sbuf, &vam, &vas, &pe, seed);
-        } else {
-            const __m512 ms_old = v1(msc[blk]), fs_old = v1(fsc[blk]);
-            if (s->want_w)
-                c_block(th, g, mc, fc, blo, len, ms_old, fs_old, &c, 0, 1, mbuf, sbuf, &vam, &vas, &pe, seed);
-            else c_block(th, g, mc, fc, blo, len, ms_old, fs_old, &c, 0, 0, mbuf, sbuf, &vam, &vas, &pe, seed);
+        const int dnb = dn && msc[blk] * 0x1p120f <= FLT_MAX && fsc[blk] * 0x1p112f <= FLT_MAX;
+        const __m512 ms_old = v1(dnb ? msc[blk] * 0x1p120f : msc[blk]), fs_old = v1(dnb ? fsc[blk] * 0x1p112f : fsc[blk]);
+#define C_CASE(F)                                                                                                   \
+    case F:                                                                                                         \
+        c_block(th, g, mc, fc, blo, len, ms_old, fs_old, &c, (F) >> 2, ((F) >> 1) & 1, (F) & 1, mbuf, sbuf, &vam,   \
+                &vas, &pe, seed);                                                                                   \
+        break
+        switch (4 * dnb + flags) {
+            C_CASE(0); C_CASE(1); C_CASE(2); C_CASE(3); C_CASE(4); C_CASE(5); C_CASE(6); C_CASE(7);
         }
+#undef C_CASE
         if (pe.len > 0) {
             msc[pe.blk] = pe.amax_m / VMAX;
             fsc[pe.blk] = pe.amax_s / VMAX;
@@ -528,7 +527,7 @@ static void pass_c_simd(float *th, const float *g, int8_t *mc, uint8_t *fc, floa
     }
     if (pe.len > 0) {
         __m512 vam = _mm512_setzero_ps(), vas = vam;
-        c_block(th, g, mc, fc, hi, 0, vam, vas, &c, 0, 0, bufs[slot][0], bufs[slot][1], &vam, &vas, &pe, seed);
+        c_block(th, g, mc, fc, hi, 0, vam, vas, &c, 0, 0, 0, bufs[slot][0], bufs[slot][1], &vam, &vas, &pe, seed);
         msc[pe.blk] = pe.amax_m / VMAX;
         fsc[pe.blk] = pe.amax_s / VMAX;
     }
