@@ -69,14 +69,19 @@ so the EMA follows: 9 % rms after 500 steps, median -0.2 %. m's stochastic round
 made training worse (it adds noise to the update itself); it stays round-to-nearest.
 
 The random bits are a counter-based hash, so every implementation produces the same codes and a resumed run the same
-trajectory: ``r = lowbias32(i ^ seed)`` for the element's index ``i`` in its (local) tensor (mod 2**32), with
-``seed = lowbias32(stream ^ lowbias32(t))``, ``t`` the tensor's step count after the step and ``stream`` the
-parameter's position in the optimizer (over all groups). ``lowbias32`` is C. Wellons' 32-bit integer hash
-(``x ^= x >> 16; x *= 0x7FEB352D; x ^= x >> 15; x *= 0x846CA68B; x ^= x >> 16``, uint32 arithmetic), so every element's
-bits are uniform and independent from step to step and from its neighbours'. (A cheaper variant, a hash per block
-and a Weyl sequence inside it, saved ~5 % of the fused CPU step and was measured in the convergence study: as good on
-the LM and VQ-VAE, one speech seed in ten failed to take off; it was not kept. benchmarks/convergence/results_8bit/
-NOTE.md.) The normal-range
+trajectory. One hash serves two elements, ``i`` and ``i ^ 16``, 16 bits each: ``h = lowbias32(j ^ seed)`` with
+``j = (i >> 5) << 4 | (i & 15)`` (elements are paired 16 apart, so that 16 vector lanes hash once for two vectors),
+and ``r = h & 0xFFFF0000`` for ``i & 16 == 0``, ``r = h << 16`` (mod 2**32) otherwise: the element's 16 random bits on
+top, zeros below. ``i`` is the element's index in its (local) tensor (mod 2**32), ``seed = lowbias32(stream ^
+lowbias32(t))``, ``t`` the tensor's step count after the step and ``stream`` the parameter's position in the
+optimizer (over all groups). ``lowbias32`` is C. Wellons' 32-bit integer hash (``x ^= x >> 16; x *= 0x7FEB352D;
+x ^= x >> 15; x *= 0x846CA68B; x ^= x >> 16``, uint32 arithmetic), so every element's bits are uniform and
+independent from step to step and from its neighbours' (the two halves of one output are as independent as two
+outputs, to the hash's measured avalanche bias). 16 bits set the probability of rounding up to the discarded
+fraction truncated to a multiple of 2**-16: a bias below 2**-16 of a code step, far under the code step's own 3 %.
+(Earlier variants, measured in the convergence study (benchmarks/convergence/results_8bit/NOTE.md): one full hash
+per element, the shipped kernel until this one, and a hash per block with a Weyl sequence inside it, which saved as
+much but made one speech seed in ten fail to take off; it was not kept.) The normal-range
 code is then ``(bits(u) + (r >> (32 - S))) >> S`` rebiased, ``S = 23 - man_bits``: the float32 mantissa bits below the
 kept ones plus a uniform integer in ``[0, 2**S)``, truncated, rounds up with probability equal to the discarded
 fraction, exactly.
@@ -200,11 +205,14 @@ def sr_seeds(streams: Tensor | Sequence[int] | None, steps: Tensor) -> Tensor:
 
 
 def sr_bits(numel: int, seed: Tensor | int, device: torch.device | str | None = None) -> Tensor:
-    """The 32 random bits of elements ``0 .. numel-1`` of a tensor with this seed: ``lowbias32(i ^ seed)``, int64.
+    """The random bits of elements ``0 .. numel-1`` of a tensor with this seed, int64 (uint32 values): 16 random bits
+    on top, half of ``lowbias32(((i >> 5) << 4 | (i & 15)) ^ seed)``, the high half for ``i & 16 == 0`` and the low
+    half otherwise (see the module docstring).
 
     ``seed`` may be a tensor that broadcasts against the elements, e.g. ``(steps, 1)`` for one tensor over steps."""
     i = torch.arange(numel, dtype=torch.int64, device=device) & _M32
-    return lowbias32(i ^ seed)
+    h = lowbias32((((i >> 5) << 4) | (i & 15)) ^ seed)
+    return torch.where((i & 16) == 0, h & 0xFFFF0000, (h << 16) & _M32)
 
 
 def num_blocks(numel: int, block_size: int) -> int:

@@ -18,7 +18,7 @@
  * Tensors whose state is fp32 (below min_8bit_size; their scale pointers are NULL) run the same three passes on
  * float m and f. Codes are encoded with the bit operations of _quant.MiniFloat.encode, bit for bit the torch
  * reference given the same float input: m rounds to nearest even, f stochastically with the counter-based random
- * bits of _quant.sr_bits (r = lowbias32(element index ^ seed), one seed per tensor and step from the caller). The
+ * bits of _quant.sr_bits (sr_bits32: half of one lowbias32 per two elements; one seed per tensor and step). The
  * build uses -ffp-contract=off. Sums of squares are float64: a float squared in double is exact, so SQ_ADD's fma
  * (where the target has one) gives the same bits as a multiply and an add, in one instruction.
  *
@@ -31,10 +31,11 @@
  *
  * Cost: decoding is a shift and a multiply per code through float32 subnormals (dn_ok(): AMD x86-64 without DAZ),
  * else a shift, an add and a select; encoding ~12 integer/float ops per state, plus f's rounding hash (two
- * multiplies, three shift-xors). On the 2-core CPU of the benchmarks here that codec work, on top of FAdam's sqrt
- * and division in passes B and C, not memory traffic, sets the step time (pass C costs the same per element with its
- * data in L3 as streamed from memory), so passes B and C of fp32 params have hand-vectorized AVX-512 versions
- * (below; ~10 % of the step) and chunks are long (~10 %).
+ * multiplies, three shift-xors, one per two elements). On the 2-core CPU of the benchmarks here that codec work, on
+ * top of FAdam's sqrt and division in passes B and C, not memory traffic, sets the step time (pass C costs the same
+ * per element with its data in L3 as streamed from memory; measured: without the encoding pass C takes ~60 % of
+ * its time, without the hash ~90 %). So the three passes of fp32 params have hand-vectorized AVX-512 versions
+ * (below), pass C runs one block's encoding under the next block's update, and chunks are long (~10 %).
  */
 #include <float.h>
 #include <math.h>
@@ -179,6 +180,14 @@ static inline uint32_t lowbias32(uint32_t x) {
     x ^= x >> 16;
     return x;
 }
+/* f's rounding bits for element i (see _quant.sr_bits): one lowbias32 serves two elements, i and i ^ 16, 16 bits
+   each: h = lowbias32((i >> 5) << 4 | (i & 15)) ^ seed), the high half for i & 16 == 0 and the low half otherwise,
+   returned as the top 16 bits of r (r >> 13 then adds a multiple of 8 below 2^19: the probability of rounding up is
+   the fraction truncated to 16 bits). Pairs 16 apart, so that 16 lanes hash once for two vectors. */
+static inline uint32_t sr_bits32(uint32_t i, uint32_t seed) {
+    const uint32_t h = lowbias32((((i >> 5) << 4) | (i & 15u)) ^ seed);
+    return (i & 16u) ? h << 16 : h & 0xffff0000u;
+}
 /* the f map with stochastic rounding in the normal range: the 19 mantissa bits below the kept 4 plus a uniform
    integer in [0, 2^19) (r >> 13), truncated, and the rebias (a multiple of 2^19) folded in; subnormals round up */
 static inline int32_t enc_e4m4_sr(float u, uint32_t r) {
@@ -196,7 +205,7 @@ static inline float nan_max(float a, float x) { return (x > a || x != x) ? x : a
 typedef struct {
     float gmul, bh, omb, eps_hat, inv_kg, inv_kw, p, b1, omb1, neg_lr, wd;
     int p_half, want_w, finite;
-    uint32_t seed; /* f's stochastic rounding: r = lowbias32(element index ^ seed) */
+    uint32_t seed; /* f's stochastic rounding: r = sr_bits32(element index, seed) */
 } tscal;
 
 static void scalars(tscal *s, const fadam8_hparams *hp, const double *sums, int64_t n, int64_t i, double lnumel,
@@ -248,7 +257,7 @@ static void combine_sums(int phase, int64_t i, int64_t c0, int64_t c1, const dou
 
 /* A block's codes where its values may be NaN or its maxima inf (the rare path of pass C, see the header): the
    maxima taken again with NaN propagation into *amax_m, *amax_s, then NaN-safe encoding. ib: the block's first
-   element index (element j's rounding bits are lowbias32((ib + j) ^ seed)). */
+   element index (element j's rounding bits are sr_bits32(ib + j, seed)). */
 static void encode_block_any(int8_t *mc, uint8_t *fc, const float *mbuf, const float *sbuf, int64_t len, uint32_t ib,
                              uint32_t seed, float *amax_m, float *amax_s) {
     float am = 0.0f, as = 0.0f;
@@ -260,7 +269,7 @@ static void encode_block_any(int8_t *mc, uint8_t *fc, const float *mbuf, const f
     for (int64_t j = 0; j < len; ++j) {
         int32_t q = enc_e3m4_any(fabsf(mbuf[j]) * im);
         mc[j] = (int8_t)(mbuf[j] < 0.0f ? -q : q);
-        fc[j] = (uint8_t)enc_e4m4_sr_any(sbuf[j] * is, lowbias32((ib + (uint32_t)j) ^ seed));
+        fc[j] = (uint8_t)enc_e4m4_sr_any(sbuf[j] * is, sr_bits32(ib + (uint32_t)j, seed));
     }
     *amax_m = am;
     *amax_s = as;
@@ -363,6 +372,29 @@ static void pass_b_simd(const float *th, const float *g, const uint8_t *fc, cons
     out[1] = _mm512_reduce_add_pd(_mm512_add_pd(acc[2], acc[3]));
 }
 
+/* pass A of fp32 params, elements [lo, hi): sum (g * gmul)^2 in float64, in eight accumulators (the generic loop's
+   one chain of fma is bound by their latency), added in a fixed order */
+static double pass_a_simd(const float *g, int64_t lo, int64_t hi, float gmul) {
+    __m512d acc[8];
+    for (int k = 0; k < 8; ++k) acc[k] = _mm512_setzero_pd();
+    const __m512 gm = v1(gmul);
+    int64_t i = lo;
+    for (; i + 64 <= hi; i += 64)
+        for (int k = 0; k < 4; ++k) {
+            __m512 v = _mm512_mul_ps(_mm512_loadu_ps(g + i + 16 * k), gm);
+            acc[2 * k] = _mm512_fmadd_pd(lo8(v), lo8(v), acc[2 * k]);
+            acc[2 * k + 1] = _mm512_fmadd_pd(hi8(v), hi8(v), acc[2 * k + 1]);
+        }
+    for (; i < hi; i += 16) {
+        __m512 v = _mm512_maskz_mul_ps(lanes(hi - i), _mm512_maskz_loadu_ps(lanes(hi - i), g + i), gm);
+        acc[0] = _mm512_fmadd_pd(lo8(v), lo8(v), acc[0]);
+        acc[1] = _mm512_fmadd_pd(hi8(v), hi8(v), acc[1]);
+    }
+    __m512d t = _mm512_add_pd(_mm512_add_pd(_mm512_add_pd(acc[0], acc[1]), _mm512_add_pd(acc[2], acc[3])),
+                              _mm512_add_pd(_mm512_add_pd(acc[4], acc[5]), _mm512_add_pd(acc[6], acc[7])));
+    return _mm512_reduce_add_pd(t);
+}
+
 /* pass C's per-tensor constants, broadcast */
 typedef struct {
     __m512 gmul, bh, omb, eps, one, inv_kg, inv_kw, b1, omb1, neg_lr, wd;
@@ -408,14 +440,12 @@ static inline __m512i lowbias32_16(__m512i x) {
     x = _mm512_mullo_epi32(x, i1(0x846ca68bu));
     return _mm512_xor_si512(x, _mm512_srli_epi32(x, 16));
 }
-/* the codes of 16 values under mask k, elements i0 .. i0 + 15 of their tensor (i0 a multiple of 16): m (enc_e3m4
-   of |m| * inv_m, signed) and s (enc_e4m4_sr of s * inv_s with the bits lowbias32(i ^ seed)). iseed: iota ^ seed,
-   so that i ^ seed = i0 ^ iseed. The caller guarantees a finite inv_m: then |m| * inv_m <= VMAX (1 + 2^-23), whose
+/* the codes of 16 values under mask k: m (enc_e3m4 of |m| * inv_m, signed) and s (enc_e4m4_sr of s * inv_s with the
+   rounding bits r, see sr_bits32). The caller guarantees a finite inv_m: then |m| * inv_m <= VMAX (1 + 2^-23), whose
    code is 127, so m's codes need no clamp; s's do (its stochastic rounding can carry a value just above VMAX up). */
 static inline __attribute__((always_inline)) void c_encode(int8_t *mc, uint8_t *fc, const float *mbuf,
                                                            const float *sbuf, __mmask16 k, __m512 inv_m, __m512 inv_s,
-                                                           uint32_t i0, __m512i iseed) {
-    const __m512i r = lowbias32_16(_mm512_xor_si512(i1(i0), iseed));
+                                                           __m512i r) {
     __m512 mv = _mm512_loadu_ps(mbuf);
     __m512 u = _mm512_mul_ps(_mm512_abs_ps(mv), inv_m);
     __m512i bits = _mm512_castps_si512(u);
@@ -446,32 +476,49 @@ typedef struct {
     __m512 inv_m, inv_s;
     float amax_m, amax_s;
 } pending_codes;
+/* encoding vector j of the pending block alone, under mask k (see sr_bits32 for r; iseed = iota ^ seed) */
 static inline __attribute__((always_inline)) void enc_vec(int8_t *mc, uint8_t *fc, const pending_codes *pe,
-                                                          int64_t j, __mmask16 k, __m512i seed) {
-    c_encode(mc + pe->blo + j, fc + pe->blo + j, pe->mbuf + j, pe->sbuf + j, k, pe->inv_m, pe->inv_s,
-             (uint32_t)(pe->blo + j), seed);
+                                                          int64_t j, __mmask16 k, __m512i iseed) {
+    const uint32_t i0 = (uint32_t)(pe->blo + j); /* a multiple of 16 */
+    const __m512i h = lowbias32_16(_mm512_xor_si512(i1((i0 >> 5) << 4), iseed));
+    const __m512i r = (i0 & 16u) ? _mm512_slli_epi32(h, 16) : _mm512_and_si512(h, i1(0xffff0000u));
+    c_encode(mc + i0, fc + i0, pe->mbuf + j, pe->sbuf + j, k, pe->inv_m, pe->inv_s, r);
+}
+/* encoding vectors j and j + 16 of the pending block, whole, element index of j a multiple of 32: one hash */
+static inline __attribute__((always_inline)) void enc_pair(int8_t *mc, uint8_t *fc, const pending_codes *pe,
+                                                           int64_t j, __m512i iseed) {
+    const uint32_t i0 = (uint32_t)(pe->blo + j);
+    const __m512i h = lowbias32_16(_mm512_xor_si512(i1(i0 >> 1), iseed));
+    const __mmask16 all = (__mmask16)0xFFFF;
+    c_encode(mc + i0, fc + i0, pe->mbuf + j, pe->sbuf + j, all, pe->inv_m, pe->inv_s,
+             _mm512_and_si512(h, i1(0xffff0000u)));
+    c_encode(mc + i0 + 16, fc + i0 + 16, pe->mbuf + j + 16, pe->sbuf + j + 16, all, pe->inv_m, pe->inv_s,
+             _mm512_slli_epi32(h, 16));
 }
 /* the update of the block [blo, blo + len), its vectors interleaved with the encoding of the previous block's
-   (*pe, len 0 if none): the update waits on memory, the encoding on the vector units, so together they overlap */
+   (*pe, len 0 if none), two and two: the update waits on memory, the encoding on the vector units */
 static inline __attribute__((always_inline)) void c_block(float *th, const float *g, int8_t *mc, uint8_t *fc,
                                                           int64_t blo, int64_t len, __m512 ms_old, __m512 fs_old,
                                                           const cvec *c, const int dn, const int want_w, const int ug,
                                                           float *mbuf, float *sbuf, __m512 *vam, __m512 *vas,
-                                                          const pending_codes *pe, __m512i seed) {
-    const int64_t nf = len / 16, pf = pe->len / 16, both = nf < pf ? nf : pf;
+                                                          const pending_codes *pe, __m512i iseed) {
+    const int64_t nf = len / 16, pf = pe->len / 16;
     const __mmask16 all = (__mmask16)0xFFFF;
-    int64_t v = 0;
-    for (; v < both; ++v) {
+    int64_t v = 0, w = 0;
+    if (pf > 0 && (pe->blo & 31) != 0) enc_vec(mc, fc, pe, 16 * w++, all, iseed); /* then pairs align */
+    for (; v + 2 <= nf && w + 2 <= pf; v += 2, w += 2) {
         c_vec(th, g, mc, fc, blo, 16 * v, all, ms_old, fs_old, c, dn, want_w, ug, mbuf, sbuf, vam, vas);
-        enc_vec(mc, fc, pe, 16 * v, all, seed);
+        c_vec(th, g, mc, fc, blo, 16 * v + 16, all, ms_old, fs_old, c, dn, want_w, ug, mbuf, sbuf, vam, vas);
+        enc_pair(mc, fc, pe, 16 * w, iseed);
     }
-    for (int64_t u = v; u < nf; ++u)
-        c_vec(th, g, mc, fc, blo, 16 * u, all, ms_old, fs_old, c, dn, want_w, ug, mbuf, sbuf, vam, vas);
+    for (; v < nf; ++v)
+        c_vec(th, g, mc, fc, blo, 16 * v, all, ms_old, fs_old, c, dn, want_w, ug, mbuf, sbuf, vam, vas);
     if (16 * nf < len)
         c_vec(th, g, mc, fc, blo, 16 * nf, lanes(len - 16 * nf), ms_old, fs_old, c, dn, want_w, ug, mbuf, sbuf,
               vam, vas);
-    for (int64_t u = v; u < pf; ++u) enc_vec(mc, fc, pe, 16 * u, all, seed);
-    if (16 * pf < pe->len) enc_vec(mc, fc, pe, 16 * pf, lanes(pe->len - 16 * pf), seed);
+    for (; w + 2 <= pf; w += 2) enc_pair(mc, fc, pe, 16 * w, iseed);
+    if (w < pf) enc_vec(mc, fc, pe, 16 * w++, all, iseed);
+    if (16 * pf < pe->len) enc_vec(mc, fc, pe, 16 * pf, lanes(pe->len - 16 * pf), iseed);
 }
 /* pass C of an 8-bit tensor, elements [lo, hi) in whole blocks (but the tensor's last): block b's update runs
    together with block b-1's encoding (two buffers), the last block's encoding alone */
@@ -481,8 +528,8 @@ static void pass_c_simd(float *th, const float *g, int8_t *mc, uint8_t *fc, floa
     const cvec c = {v1(s->gmul), v1(s->bh),     v1(s->omb),  v1(s->eps_hat), v1(1.0f), v1(s->inv_kg),
                     v1(s->inv_kw), v1(s->b1), v1(s->omb1), v1(s->neg_lr),  v1(s->wd)};
     const int dn = dn_ok();
-    const __m512i seed = _mm512_xor_si512(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
-                                          i1(s->seed)); /* iota ^ seed (see c_encode) */
+    const __m512i iseed = _mm512_xor_si512(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+                                           i1(s->seed)); /* iota ^ seed (see enc_vec) */
     const int flags = 2 * s->want_w + (s->gmul == 1.0f); /* the weight term; gmul is 1 */
     pending_codes pe = {0, 0, 0, NULL, NULL, _mm512_setzero_ps(), _mm512_setzero_ps(), 0.0f, 0.0f};
     int slot = 0;
@@ -495,7 +542,7 @@ static void pass_c_simd(float *th, const float *g, int8_t *mc, uint8_t *fc, floa
 #define C_CASE(F)                                                                                                   \
     case F:                                                                                                         \
         c_block(th, g, mc, fc, blo, len, ms_old, fs_old, &c, (F) >> 2, ((F) >> 1) & 1, (F) & 1, mbuf, sbuf, &vam,   \
-                &vas, &pe, seed);                                                                                   \
+                &vas, &pe, iseed);                                                                                   \
         break
         switch (4 * dnb + flags) {
             C_CASE(0); C_CASE(1); C_CASE(2); C_CASE(3); C_CASE(4); C_CASE(5); C_CASE(6); C_CASE(7);
@@ -527,7 +574,7 @@ static void pass_c_simd(float *th, const float *g, int8_t *mc, uint8_t *fc, floa
     }
     if (pe.len > 0) {
         __m512 vam = _mm512_setzero_ps(), vas = vam;
-        c_block(th, g, mc, fc, hi, 0, vam, vas, &c, 0, 0, 0, bufs[slot][0], bufs[slot][1], &vam, &vas, &pe, seed);
+        c_block(th, g, mc, fc, hi, 0, vam, vas, &c, 0, 0, 0, bufs[slot][0], bufs[slot][1], &vam, &vas, &pe, iseed);
         msc[pe.blk] = pe.amax_m / VMAX;
         fsc[pe.blk] = pe.amax_s / VMAX;
     }
@@ -537,14 +584,18 @@ static void pass_c_simd(float *th, const float *g, int8_t *mc, uint8_t *fc, floa
 static inline int simd_applies(const float *fsc, int64_t bs, const tscal *s) {
     return use_simd && fsc != NULL && s->p_half && bs % 16 == 0;
 }
+#define TRY_SIMD_A_f32(g, lo, hi, gmul, out) (use_simd ? (*(out) = pass_a_simd(g, lo, hi, gmul), 1) : 0)
 #define TRY_SIMD_B_f32(th, g, fstate, fsc, bs, lo, hi, s, out)                                                      \
     (simd_applies(fsc, bs, s) ? (pass_b_simd(th, g, (const uint8_t *)(fstate), fsc, bs, lo, hi, s, out), 1) : 0)
 #define TRY_SIMD_C_f32(th, g, mc, fc, msc, fsc, bs, lo, hi, s)                                                      \
     (simd_applies(fsc, bs, s) ? (pass_c_simd(th, g, mc, fc, msc, fsc, bs, lo, hi, s), 1) : 0)
 #else
+#define TRY_SIMD_A_f32(...) 0
 #define TRY_SIMD_B_f32(...) 0
 #define TRY_SIMD_C_f32(...) 0
 #endif
+#define TRY_SIMD_A_bf16(...) 0
+#define TRY_SIMD_A_f16(...) 0
 #define TRY_SIMD_B_bf16(...) 0
 #define TRY_SIMD_C_bf16(...) 0
 #define TRY_SIMD_B_f16(...) 0
@@ -554,6 +605,7 @@ static inline int simd_applies(const float *fsc, int64_t bs, const tscal *s) {
 #define DEFINE_PASSES(NAME, PT, LDP, STP)                                                                           \
     static double pass_a_##NAME(const PT *g, int64_t lo, int64_t hi, float gmul) {                                  \
         double s = 0.0;                                                                                             \
+        if (TRY_SIMD_A_##NAME(g, lo, hi, gmul, &s)) return s;                                                       \
         _Pragma("omp simd reduction(+:s)") for (int64_t i = lo; i < hi; ++i) {                                      \
             float v = LDP(g[i]) * gmul;                                                                             \
             SQ_ADD(s, v); /* squared in double: no underflow or overflow */                                         \
@@ -633,7 +685,7 @@ static inline int simd_applies(const float *fsc, int64_t bs, const tscal *s) {
         const float gmul = s->gmul, bh = s->bh, omb = s->omb, eps_hat = s->eps_hat, p = s->p;                       \
         const float inv_kg = s->inv_kg, inv_kw = s->inv_kw, b1 = s->b1, omb1 = s->omb1;                             \
         const float neg_lr = s->neg_lr, wd = s->wd;                                                                 \
-        const uint32_t seed = s->seed, ib = (uint32_t)blo; /* f's rounding bits: lowbias32((ib + j) ^ seed) */      \
+        const uint32_t seed = s->seed, ib = (uint32_t)blo; /* f's rounding bits: sr_bits32(ib + j, seed) */        \
         /* dn: the codes' float32 subnormal bits times the scales * 2^120 (m) and * 2^112 (s) (finite: the caller   \
            checks), the same products as decode * scale */                                                          \
         const float ms_old = dn ? msc[blk] * 0x1p120f : msc[blk], fs_old = dn ? fsc[blk] * 0x1p112f : fsc[blk];     \
@@ -674,7 +726,7 @@ static inline int simd_applies(const float *fsc, int64_t bs, const tscal *s) {
                 float mv = mbuf[j];                                                                                 \
                 int32_t q = enc_e3m4(fabsf(mv) * inv_m);                                                            \
                 mcb[j] = (int8_t)(mv < 0.0f ? -q : q);                                                              \
-                fcb[j] = (uint8_t)enc_e4m4_sr(sbuf[j] * inv_s, lowbias32((ib + (uint32_t)j) ^ seed));               \
+                fcb[j] = (uint8_t)enc_e4m4_sr(sbuf[j] * inv_s, sr_bits32(ib + (uint32_t)j, seed));               \
             }                                                                                                       \
         }                                                                                                           \
         msc[blk] = amax_m / VMAX;                                                                                   \
@@ -799,11 +851,11 @@ DEFINE_PASSES(bf16, uint16_t, bf16_load, bf16_store)
 DEFINE_PASSES(f16, uint16_t, f16_load, f16_store)
 
 /* test hooks: the maps, element by element; sr: the f map's stochastic rounding with the bits of _quant.sr_bits,
-   r = lowbias32(i ^ seed) */
+   r = sr_bits32(i, seed) */
 void hf_fadam8_encode(const float *u, int32_t *q, int64_t n, int signed_map, int sr, int64_t seed) {
     for (int64_t i = 0; i < n; ++i)
         q[i] = signed_map ? enc_e3m4(u[i])
-               : sr       ? enc_e4m4_sr(u[i], lowbias32((uint32_t)i ^ (uint32_t)seed))
+               : sr       ? enc_e4m4_sr(u[i], sr_bits32((uint32_t)i, (uint32_t)seed))
                           : enc_e4m4(u[i]);
 }
 void hf_fadam8_decode(const int32_t *q, float *v, int64_t n, int signed_map) {

@@ -99,7 +99,7 @@ def set_simd(on: bool) -> bool:
 def encode(u: Tensor, signed: bool, seed: int | None = None) -> Tensor:
     """The kernel's encoder on float32 values (test hook): int32 codes of the m map (signed) or the f map.
 
-    ``seed``: the f map's stochastic rounding with the random bits of element ``i`` = ``lowbias32(i ^ seed)``.
+    ``seed``: the f map's stochastic rounding with the random bits of element ``i`` of ``_quant.sr_bits``.
     """
     lib = _get_lib()
     u = u.to(torch.float32).contiguous()

@@ -8,7 +8,7 @@ launched three times (``PHASE`` 0, 1, 2) with the reduce hook in between:
    ``sums[1, t] += Σ (g/D)²`` and ``sums[2, t] += Σ (θ/D)²``.
 2. ``m_new``, ``s_new = sqrt(f_new)`` and θ in registers; the block's absmax of m_new and max of s_new (NaN kept);
    codes and the two scales written (``hf_fadam._quant``'s maps: the same bit operations as the torch reference and
-   the C kernel; f rounds stochastically with ``lowbias32(element index ^ seed)``, one seed per tensor and step). Tensors with fp32 state (no scales) store m and f directly.
+   the C kernel; f rounds stochastically with ``_quant.sr_bits``: half of one lowbias32 per two elements, one seed per tensor and step). Tensors with fp32 state (no scales) store m and f directly.
 
 Params fp32, bf16 or fp16; the math is fp32 (sums and per-tensor scalars in float64). The host side builds two small
 int64 tables per call (chunk → tensor/offset; the addresses of param, grad, m, f and the two scales); the float
@@ -77,9 +77,16 @@ if triton is not None:
         return x ^ (x >> 16)
 
     @triton.jit
+    def _sr_bits(i, seed):
+        # f's rounding bits of element i (uint32; hf_fadam._quant.sr_bits): one lowbias32 per two elements, i and
+        # i ^ 16, the high half for the first, the low half for the second, on top of 16 zero bits
+        h = _lowbias32((((i >> 5) << 4) | (i & 15)) ^ seed)
+        return tl.where((i & 16) == 0, h & 0xFFFF0000, h << 16)
+
+    @triton.jit
     def _encode_f_sr(u, r):
         # the f map (E4M4, bias 15) with stochastic rounding in the normal range: the 19 mantissa bits below the
-        # kept 4 plus a uniform integer in [0, 2**19) (r >> 13), truncated; subnormals round up; NaN -> 0
+        # kept 4 plus r >> 13 (a multiple of 8 in [0, 2**19), see _sr_bits), truncated; subnormals round up; NaN -> 0
         bits = u.to(tl.uint32, bitcast=True)
         nq = ((bits + (r >> 13)) >> 19).to(tl.int32) - (112 << 4)
         y = u * 262144.0
@@ -203,7 +210,7 @@ if triton is not None:
                     qm = _encode(tl.abs(mn) * inv_m, 120 << 4, 1024.0, 0.015625, 127, False)
                     tl.store(mc_ptr + offs, tl.where(mn < 0, -qm, qm).to(tl.int8), mask=mask)
                     seed = tl.load(seed_ptr + t).to(tl.uint32)
-                    qs = _encode_f_sr(sn * inv_s, _lowbias32(offs.to(tl.uint32) ^ seed))
+                    qs = _encode_f_sr(sn * inv_s, _sr_bits(offs.to(tl.uint32), seed))
                     tl.store(fc_ptr + offs, qs.to(tl.uint8), mask=mask)
                     # (on a skipped step the old scales are written back unchanged)
                     tl.store(msc_ptr + blk, tl.where(found, ms_old, tl.div_rn(amax_m, 1.9375)))
