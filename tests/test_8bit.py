@@ -341,12 +341,22 @@ def test_c_kernel_thread_count_does_not_change_the_result():
             assert x is None or torch.equal(x, y)
 
 
+ONE_CALL_SHAPES = {
+    "one group": [(70_000,), (3000,), (200, 700), (7,), (600_001,), (0,)],
+    # above 2**21 elements the one-call schedule groups consecutive tensors and runs A of one group with B of the
+    # one before and C of the one before that: five groups here (one tensor alone, which spans nine chunks)
+    "staged": [(1_500_000,), (700_000,), (3000,), (0,), (2_300_001,), (7,), (900_000,), (1_300_000,), (1_000,)],
+}
+
+
 @needs_c
 @pytest.mark.parametrize("threads", [1, 2])
-def test_c_kernel_one_call_equals_the_three_phases(threads):
-    # Without a reduce hook the kernel runs the three passes in one call (one parallel region); with a hook, in three
-    # calls with the hook in between. Both add the same chunk partials in the same order: identical bits.
-    state = _state([(70_000,), (3000,), (200, 700), (7,), (600_001,), (0,)], seed=8)
+@pytest.mark.parametrize("shapes", list(ONE_CALL_SHAPES))
+def test_c_kernel_one_call_equals_the_three_phases(threads, shapes):
+    # Without a reduce hook the kernel runs the three passes in one call (one parallel region, staged over groups of
+    # tensors); with a hook, in three calls with the hook in between, each pass over every tensor. Both compute the
+    # same chunks and add their partial sums in the same order: identical bits.
+    state = _state(ONE_CALL_SHAPES[shapes], seed=8)
     old = torch.get_num_threads()
     try:
         torch.set_num_threads(threads)
@@ -356,7 +366,8 @@ def test_c_kernel_one_call_equals_the_three_phases(threads):
         _step("c", phased, reduce=calls.append)
     finally:
         torch.set_num_threads(old)
-    assert [tuple(t.shape) for t in calls] == [(1, 6), (2, 6)]
+    n = len(ONE_CALL_SHAPES[shapes])
+    assert [tuple(t.shape) for t in calls] == [(1, n), (2, n)]
     for a, b in zip(one, phased):
         for x, y in zip(a, b):
             assert x is None or torch.equal(x, y)
