@@ -342,10 +342,9 @@ def test_c_kernel_thread_count_does_not_change_the_result():
 
 
 ONE_CALL_SHAPES = {
-    "one group": [(70_000,), (3000,), (200, 700), (7,), (600_001,), (0,)],
-    # above 2**21 elements the one-call schedule groups consecutive tensors and runs A of one group with B of the
-    # one before and C of the one before that: five groups here (one tensor alone, which spans nine chunks)
-    "staged": [(1_500_000,), (700_000,), (3000,), (0,), (2_300_001,), (7,), (900_000,), (1_300_000,), (1_000,)],
+    "small": [(70_000,), (3000,), (200, 700), (7,), (600_001,), (0,)],
+    # many chunks (one tensor in nine) over several MB: the team's dynamic schedule interleaves tensors
+    "large": [(1_500_000,), (700_000,), (3000,), (0,), (2_300_001,), (7,), (900_000,), (1_300_000,), (1_000,)],
 }
 
 
@@ -353,9 +352,9 @@ ONE_CALL_SHAPES = {
 @pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("shapes", list(ONE_CALL_SHAPES))
 def test_c_kernel_one_call_equals_the_three_phases(threads, shapes):
-    # Without a reduce hook the kernel runs the three passes in one call (one parallel region, staged over groups of
-    # tensors); with a hook, in three calls with the hook in between, each pass over every tensor. Both compute the
-    # same chunks and add their partial sums in the same order: identical bits.
+    # Without a reduce hook the kernel runs the three passes in one call (one parallel region); with a hook, in three
+    # calls with the hook in between. Both compute the same chunks and add their partial sums in the same order:
+    # identical bits.
     state = _state(ONE_CALL_SHAPES[shapes], seed=8)
     old = torch.get_num_threads()
     try:

@@ -12,10 +12,8 @@
  *      block's absmax of m_new and max of s_new, then the codes and the two new scales are written.
  *
  * Per-chunk partial sums are combined in chunk order, so the sums do not depend on the thread count. `phase` 0
- * runs A, B and C in one parallel region (no reduce), staged over groups of tensors so that one group's pass A
- * (memory-bound) runs beside an earlier group's pass C (compute-bound; see "the one-process schedule"); 1, 2, 3 run
- * one phase each over every tensor, so that the caller can reduce the (local) sums over processes in between (the
- * reduction-hook contract of docs/CONTRACT.md). Both give the same bits.
+ * runs A, B and C in one parallel region (no reduce); 1, 2, 3 run one phase each, so that the caller can reduce
+ * the (local) sums over processes in between (the reduction-hook contract of docs/CONTRACT.md).
  *
  * Tensors whose state is fp32 (below min_8bit_size; their scale pointers are NULL) run the same three passes on
  * float m and f. Codes are encoded with the bit operations of _quant.MiniFloat.encode, bit for bit the torch
@@ -603,80 +601,6 @@ static inline int simd_applies(const float *fsc, int64_t bs, const tscal *s) {
 #define TRY_SIMD_B_f16(...) 0
 #define TRY_SIMD_C_f16(...) 0
 
-/* ---------------------------------------------------------------- the one-process schedule (phase 0)
- * Pass B of a tensor needs only its own Σg² (pass A, combined), pass C only its own pass-B sums. So instead of
- * A, B, C over the whole model with a barrier after each, consecutive tensors are grouped (up to GROUP_TARGET
- * elements, or one larger tensor alone) and stage s runs A of group s, B of group s-1 and C of group s-2 together,
- * their chunks interleaved (C, A, B, C, A, B, ...) for the team's dynamic schedule; at the stage's end the sums of A(s)
- * and B(s-1) are combined. Pass A streams memory and pass C (the codec) keeps the vector units busy, so one thread
- * overlaps the other's. Every chunk computes what it computes in the pass-major order and the sums are added in
- * chunk order, so the results are those of phases 1, 2, 3 bit for bit (tested). */
-#ifndef GROUP_TARGET
-#define GROUP_TARGET 2097152
-#endif
-#define TASK_SHIFT 60
-typedef struct {
-    int64_t ngroups, nstages;
-    int64_t *gt, *gc;     /* group g: tensors [gt[g], gt[g+1]), chunks [gc[g], gc[g+1]) */
-    int64_t *start, *task; /* stage s: tasks [start[s], start[s+1]), each (pass << TASK_SHIFT) | chunk */
-} pipeline;
-static void free_pipeline(pipeline *pl) {
-    free(pl->gt);
-    free(pl->start);
-    free(pl->task);
-}
-static int plan_pipeline(pipeline *pl, int64_t n, const int64_t *numels, int64_t cs, int64_t nchunks) {
-    pl->gt = (int64_t *)malloc(sizeof(int64_t) * (size_t)(2 * n + 2));
-    pl->start = (int64_t *)malloc(sizeof(int64_t) * (size_t)(n + 3));
-    pl->task = (int64_t *)malloc(sizeof(int64_t) * (size_t)(3 * nchunks + 1));
-    if (pl->gt == NULL || pl->start == NULL || pl->task == NULL) {
-        free_pipeline(pl);
-        return 0;
-    }
-    pl->gc = pl->gt + n + 1;
-    int64_t ng = 0;
-    for (int64_t t0 = 0, c0 = 0; t0 < n; ++ng) {
-        int64_t t1 = t0, c1 = c0, elems = 0;
-        do {
-            elems += numels[t1];
-            c1 += (numels[t1] + cs - 1) / cs;
-            ++t1;
-        } while (t1 < n && elems + numels[t1] <= GROUP_TARGET);
-        pl->gt[ng] = t0;
-        pl->gc[ng] = c0;
-        t0 = t1;
-        c0 = c1;
-    }
-    pl->gt[ng] = n;
-    pl->gc[ng] = nchunks;
-    pl->ngroups = ng;
-    pl->nstages = ng + 2;
-    int64_t k = 0;
-    for (int64_t st = 0; st < pl->nstages; ++st) {
-        pl->start[st] = k;
-        int64_t a = 0, ae = 0, b = 0, be = 0, c = 0, ce = 0; /* the chunk ranges of A(st), B(st-1), C(st-2) */
-        if (st < ng) a = pl->gc[st], ae = pl->gc[st + 1];
-        if (st >= 1 && st - 1 < ng) b = pl->gc[st - 1], be = pl->gc[st];
-        if (st >= 2) c = pl->gc[st - 2], ce = pl->gc[st - 1];
-        while (a < ae || b < be || c < ce) {
-            if (c < ce) pl->task[k++] = ((int64_t)3 << TASK_SHIFT) | c++;
-            if (a < ae) pl->task[k++] = ((int64_t)1 << TASK_SHIFT) | a++;
-            if (b < be) pl->task[k++] = ((int64_t)2 << TASK_SHIFT) | b++;
-        }
-    }
-    pl->start[pl->nstages] = k;
-    return 1;
-}
-/* pass ph's sums of group g's tensors from their chunk partials (chunk order) */
-static void combine_group(const pipeline *pl, int ph, int64_t g, const int64_t *numels, int64_t cs,
-                          const double *part, double *sums, int64_t n) {
-    for (int64_t i = pl->gt[g], c = pl->gc[g]; i < pl->gt[g + 1]; ++i) {
-        const int64_t c1 = c + (numels[i] + cs - 1) / cs;
-        combine_sums(ph, i, c, c1, part, sums, n);
-        c = c1;
-    }
-}
-
 /* ---------------------------------------------------------------- passes, per param storage type */
 #define DEFINE_PASSES(NAME, PT, LDP, STP)                                                                           \
     static double pass_a_##NAME(const PT *g, int64_t lo, int64_t hi, float gmul) {                                  \
@@ -896,43 +820,26 @@ static void combine_group(const pipeline *pl, int ph, int64_t g, const int64_t *
             }                                                                                                       \
         if (nthreads < 1) nthreads = 1;                                                                             \
         if (total < MIN_PARALLEL || nchunks < 2) nthreads = 1;                                                      \
-        /* phase 0 (one process): the staged schedule above, in one parallel region; 1, 2, 3: one pass over         \
-           every chunk, the caller reduces the sums between the calls */                                            \
-        if (phase == 0) {                                                                                           \
-            pipeline pl;                                                                                            \
-            if (!plan_pipeline(&pl, n, numels, cs, nchunks)) {                                                      \
-                free(ctid);                                                                                         \
-                free(part);                                                                                         \
-                return -2;                                                                                          \
-            }                                                                                                       \
-            _Pragma("omp parallel num_threads(nthreads)") {                                                         \
-                for (int64_t st = 0; st < pl.nstages; ++st) {                                                       \
-                    _Pragma("omp for schedule(dynamic, 1)") for (int64_t k = pl.start[st]; k < pl.start[st + 1]; ++k)\
-                        run_chunk_##NAME((int)(pl.task[k] >> TASK_SHIFT),                                           \
-                                         pl.task[k] & (((int64_t)1 << TASK_SHIFT) - 1), ctid, cstart, cs, params,   \
-                                         grads, ms, fs, msc, fsc, numels, lnumels, bhat, seeds, sums, n, hp, part); \
-                    /* implicit barrier after each */                                                               \
-                    _Pragma("omp single") {                                                                         \
-                        if (st < pl.ngroups) combine_group(&pl, 1, st, numels, cs, part, sums, n);                  \
-                        if (st >= 1 && st - 1 < pl.ngroups) combine_group(&pl, 2, st - 1, numels, cs, part, sums, n);\
-                    }                                                                                               \
-                }                                                                                                   \
-            }                                                                                                       \
-            free_pipeline(&pl);                                                                                     \
-            free(ctid);                                                                                             \
-            free(part);                                                                                             \
-            return 0;                                                                                               \
-        }                                                                                                           \
+        /* phase 0 (one process): A, B and C in one parallel region, the chunk partials combined in                 \
+           between; 1, 2, 3: one phase, the caller reduces the sums between the calls. Tensor-by-tensor             \
+           scheduling (each tensor's passes back to back while it is in the cache, as the fp32 kernel does)         \
+           was measured: no faster here, where this kernel is compute-bound, and a barrier pair per tensor          \
+           is fragile on a loaded machine. So was a staged schedule (pass A of one group of tensors beside pass     \
+           C of an earlier group, ~28 barriers a step): 1.8 ms faster in some hours of this VM, 30 ms slower in     \
+           others (its two vCPUs then answer barriers slowly). */                                                   \
+        const int first = phase == 0 ? 1 : phase, last = phase == 0 ? 3 : phase;                                    \
         _Pragma("omp parallel num_threads(nthreads)") {                                                             \
-            _Pragma("omp for schedule(dynamic, 1)") for (int64_t c = 0; c < nchunks; ++c)                           \
-                run_chunk_##NAME(phase, c, ctid, cstart, cs, params, grads, ms, fs, msc, fsc, numels, lnumels, bhat,\
-                                 seeds, sums, n, hp, part);                                                         \
-            if (phase < 3) {                                                                                        \
-                /* the chunk partials added in chunk order (deterministic) */                                       \
-                _Pragma("omp single") for (int64_t i = 0, c = 0; i < n; ++i) {                                      \
-                    const int64_t c1 = c + (numels[i] + cs - 1) / cs;                                               \
-                    combine_sums(phase, i, c, c1, part, sums, n);                                                   \
-                    c = c1;                                                                                         \
+            for (int ph = first; ph <= last; ++ph) {                                                                \
+                _Pragma("omp for schedule(dynamic, 1)") for (int64_t c = 0; c < nchunks; ++c)                       \
+                    run_chunk_##NAME(ph, c, ctid, cstart, cs, params, grads, ms, fs, msc, fsc, numels, lnumels,     \
+                                     bhat, seeds, sums, n, hp, part);                                               \
+                if (ph < 3) {                                                                                       \
+                    /* the chunk partials added in chunk order (deterministic); implicit barrier after */           \
+                    _Pragma("omp single") for (int64_t i = 0, c = 0; i < n; ++i) {                                  \
+                        const int64_t c1 = c + (numels[i] + cs - 1) / cs;                                           \
+                        combine_sums(ph, i, c, c1, part, sums, n);                                                  \
+                        c = c1;                                                                                     \
+                    }                                                                                               \
                 }                                                                                                   \
             }                                                                                                       \
         }                                                                                                           \
