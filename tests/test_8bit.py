@@ -249,18 +249,20 @@ def _compare(ref, out, theta_tol=(2e-6, 1e-5), flips=2e-3):
         torch.testing.assert_close(ofs[i], rfs[i], atol=0, rtol=1e-6)
 
 
-def _step(impl, state, **kw):
+def _step(impl, state, block_size=64, **kw):
     hyper = {**HYPER, **kw.pop("hyper", {})}
     if impl == "c":
         torch._foreach_add_(state[-1], 1)
-        cpu_fused_8bit.fadam8bit_cpu_(*state, block_size=64, **hyper, **kw)
+        cpu_fused_8bit.fadam8bit_cpu_(*state, block_size=block_size, **hyper, **kw)
     elif impl == "triton":
         from hf_fadam.kernels import triton_fadam8bit
 
         torch._foreach_add_(state[-1], 1)
-        triton_fadam8bit.fadam8bit_triton_(*state, block_size=64, **hyper, **kw)
+        triton_fadam8bit.fadam8bit_triton_(*state, block_size=block_size, **hyper, **kw)
     else:
-        _dequantized_step(*state, block_size=64, foreach=impl == "foreach", numels=None, reduce=None, **hyper, **kw)
+        _dequantized_step(
+            *state, block_size=block_size, foreach=impl == "foreach", numels=None, reduce=None, **hyper, **kw
+        )
 
 
 HYPERS = {
@@ -343,7 +345,7 @@ def test_c_kernel_thread_count_does_not_change_the_result():
 
 ONE_CALL_SHAPES = {
     "small": [(70_000,), (3000,), (200, 700), (7,), (600_001,), (0,)],
-    # many chunks (one tensor in nine) over several MB: the team's dynamic schedule interleaves tensors
+    # many chunks over several MB (one tensor alone spans nine): the team's dynamic schedule interleaves tensors
     "large": [(1_500_000,), (700_000,), (3000,), (0,), (2_300_001,), (7,), (900_000,), (1_300_000,), (1_000,)],
 }
 
@@ -440,19 +442,18 @@ def test_c_kernel_avx512_codes_at_the_edges_of_the_maps(block):
         for simd in (True, False):
             cpu_fused_8bit.set_simd(simd)
             out = _clone(state)
-            torch._foreach_add_(out[-1], 1)
-            cpu_fused_8bit.fadam8bit_cpu_(*out, block_size=block, **HYPER)
+            _step("c", out, block_size=block)
             outs.append(out)
     finally:
         cpu_fused_8bit.set_simd(True)
     for a, b in zip(outs[0], outs[1]):
         assert torch.equal(a[0], b[0])
-    # and the reference's codes (its step count is incremented inside), but for rare flips: m's all equal here; f's
+    # and the reference's codes, but for rare flips: m's all equal here; f's
     # subnormal codes (ceil) flip where the reference's float32 f differs in its last bit (a block scale 1 ulp off),
     # which the many zero gradients here make common (a value exactly on a code, scaled); its normal codes (the
     # stochastic rounding, whose bits the vector encoder takes from one hash per two vectors) must agree but rarely
     ref = _clone(state)
-    _dequantized_step(*ref, block_size=block, foreach=False, numels=None, reduce=None, **HYPER)
+    _step("forloop", ref, block_size=block)
     assert torch.equal(outs[0][2][0], ref[2][0])
     normal = ref[3][0] >= 16
     assert (outs[0][3][0].int() - ref[3][0].int()).abs().max() <= 1

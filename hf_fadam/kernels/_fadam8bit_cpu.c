@@ -350,12 +350,14 @@ static inline __attribute__((always_inline)) void b_block(const float *th, const
     for (; i + 16 <= bhi; i += 16) b_vec(th, g, fc, i, (__mmask16)0xFFFF, sc, c, dn, want_w, ug, acc);
     if (i < bhi) b_vec(th, g, fc, i, lanes(bhi - i), sc, c, dn, want_w, ug, acc);
 }
+/* the compile-time cases of passes B and C but the decoder: 2 * (the weight term is on) + (gmul is 1) */
+static inline int simd_flags(const tscal *s) { return 2 * s->want_w + (s->gmul == 1.0f); }
 /* pass B of an 8-bit tensor, elements [lo, hi) in whole blocks (but the tensor's last): out = the two sums */
 static void pass_b_simd(const float *th, const float *g, const uint8_t *fc, const float *fsc, int64_t bs, int64_t lo,
                         int64_t hi, const tscal *s, double *out) {
     __m512d acc[4] = {_mm512_setzero_pd(), _mm512_setzero_pd(), _mm512_setzero_pd(), _mm512_setzero_pd()};
     const __m512 c[5] = {v1(s->gmul), v1(s->bh), v1(s->omb), v1(s->eps_hat), v1(1.0f)};
-    const int dn = dn_ok(), flags = 2 * s->want_w + (s->gmul == 1.0f);
+    const int dn = dn_ok(), flags = simd_flags(s);
     for (int64_t blo = lo; blo < hi; blo += bs) {
         const int64_t bhi = blo + bs < hi ? blo + bs : hi;
         const float sc = fsc[blo / bs];
@@ -495,8 +497,19 @@ static inline __attribute__((always_inline)) void enc_pair(int8_t *mc, uint8_t *
     c_encode(mc + i0 + 16, fc + i0 + 16, pe->mbuf + j + 16, pe->sbuf + j + 16, all, pe->inv_m, pe->inv_s,
              _mm512_slli_epi32(h, 16));
 }
+/* the pending block's encoding from vector w (one whose element index is a multiple of 16) to its end: pairs where
+   aligned to 32 elements, a vector alone before and after them, the partial last one under a mask */
+static inline __attribute__((always_inline)) void enc_rest(int8_t *mc, uint8_t *fc, const pending_codes *pe,
+                                                           int64_t w, __m512i iseed) {
+    const int64_t pf = pe->len / 16;
+    const __mmask16 all = (__mmask16)0xFFFF;
+    if (w < pf && ((pe->blo + 16 * w) & 31) != 0) enc_vec(mc, fc, pe, 16 * w++, all, iseed);
+    for (; w + 2 <= pf; w += 2) enc_pair(mc, fc, pe, 16 * w, iseed);
+    if (w < pf) enc_vec(mc, fc, pe, 16 * w++, all, iseed);
+    if (16 * pf < pe->len) enc_vec(mc, fc, pe, 16 * pf, lanes(pe->len - 16 * pf), iseed);
+}
 /* the update of the block [blo, blo + len), its vectors interleaved with the encoding of the previous block's
-   (*pe, len 0 if none), two and two: the update waits on memory, the encoding on the vector units */
+   (*pe, len 0 if none), two and two, so that the update's loads and the encoder's arithmetic overlap in part */
 static inline __attribute__((always_inline)) void c_block(float *th, const float *g, int8_t *mc, uint8_t *fc,
                                                           int64_t blo, int64_t len, __m512 ms_old, __m512 fs_old,
                                                           const cvec *c, const int dn, const int want_w, const int ug,
@@ -516,9 +529,13 @@ static inline __attribute__((always_inline)) void c_block(float *th, const float
     if (16 * nf < len)
         c_vec(th, g, mc, fc, blo, 16 * nf, lanes(len - 16 * nf), ms_old, fs_old, c, dn, want_w, ug, mbuf, sbuf,
               vam, vas);
-    for (; w + 2 <= pf; w += 2) enc_pair(mc, fc, pe, 16 * w, iseed);
-    if (w < pf) enc_vec(mc, fc, pe, 16 * w++, all, iseed);
-    if (16 * pf < pe->len) enc_vec(mc, fc, pe, 16 * pf, lanes(pe->len - 16 * pf), iseed);
+    enc_rest(mc, fc, pe, w, iseed);
+}
+/* the pending block's codes are written: its scales too */
+static inline void finish_pending(pending_codes *pe, float *msc, float *fsc) {
+    msc[pe->blk] = pe->amax_m / VMAX;
+    fsc[pe->blk] = pe->amax_s / VMAX;
+    pe->len = 0;
 }
 /* pass C of an 8-bit tensor, elements [lo, hi) in whole blocks (but the tensor's last): block b's update runs
    together with block b-1's encoding (two buffers), the last block's encoding alone */
@@ -530,7 +547,7 @@ static void pass_c_simd(float *th, const float *g, int8_t *mc, uint8_t *fc, floa
     const int dn = dn_ok();
     const __m512i iseed = _mm512_xor_si512(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
                                            i1(s->seed)); /* iota ^ seed (see enc_vec) */
-    const int flags = 2 * s->want_w + (s->gmul == 1.0f); /* the weight term; gmul is 1 */
+    const int flags = simd_flags(s);
     pending_codes pe = {0, 0, 0, NULL, NULL, _mm512_setzero_ps(), _mm512_setzero_ps(), 0.0f, 0.0f};
     int slot = 0;
     for (int64_t blo = lo; blo < hi; blo += bs) {
@@ -538,7 +555,8 @@ static void pass_c_simd(float *th, const float *g, int8_t *mc, uint8_t *fc, floa
         float *mbuf = bufs[slot][0], *sbuf = bufs[slot][1];
         __m512 vam = _mm512_setzero_ps(), vas = vam;
         const int dnb = dn && msc[blk] * 0x1p120f <= FLT_MAX && fsc[blk] * 0x1p112f <= FLT_MAX;
-        const __m512 ms_old = v1(dnb ? msc[blk] * 0x1p120f : msc[blk]), fs_old = v1(dnb ? fsc[blk] * 0x1p112f : fsc[blk]);
+        const __m512 ms_old = v1(dnb ? msc[blk] * 0x1p120f : msc[blk]);
+        const __m512 fs_old = v1(dnb ? fsc[blk] * 0x1p112f : fsc[blk]);
 #define C_CASE(F)                                                                                                   \
     case F:                                                                                                         \
         c_block(th, g, mc, fc, blo, len, ms_old, fs_old, &c, (F) >> 2, ((F) >> 1) & 1, (F) & 1, mbuf, sbuf, &vam,   \
@@ -548,11 +566,7 @@ static void pass_c_simd(float *th, const float *g, int8_t *mc, uint8_t *fc, floa
             C_CASE(0); C_CASE(1); C_CASE(2); C_CASE(3); C_CASE(4); C_CASE(5); C_CASE(6); C_CASE(7);
         }
 #undef C_CASE
-        if (pe.len > 0) {
-            msc[pe.blk] = pe.amax_m / VMAX;
-            fsc[pe.blk] = pe.amax_s / VMAX;
-            pe.len = 0;
-        }
+        if (pe.len > 0) finish_pending(&pe, msc, fsc);
         float amax_m = _mm512_reduce_max_ps(vam), amax_s = _mm512_reduce_max_ps(vas);
         /* the rare path: a NaN possible, a maximum overflowed, or one so small (subnormal) that VMAX / amax_m is inf */
         if (!s->finite || !(amax_m <= 3.4e38f && amax_s <= 3.4e38f) || (amax_m > 0.0f && amax_m < FLT_MIN)) {
@@ -573,10 +587,8 @@ static void pass_c_simd(float *th, const float *g, int8_t *mc, uint8_t *fc, floa
         }
     }
     if (pe.len > 0) {
-        __m512 vam = _mm512_setzero_ps(), vas = vam;
-        c_block(th, g, mc, fc, hi, 0, vam, vas, &c, 0, 0, 0, bufs[slot][0], bufs[slot][1], &vam, &vas, &pe, iseed);
-        msc[pe.blk] = pe.amax_m / VMAX;
-        fsc[pe.blk] = pe.amax_s / VMAX;
+        enc_rest(mc, fc, &pe, 0, iseed);
+        finish_pending(&pe, msc, fsc);
     }
 }
 
