@@ -180,6 +180,29 @@ def test_a_nan_makes_its_block_decode_to_nan():
 
 
 @needs_c
+@pytest.mark.parametrize("stride", [pytest.param(1, marks=pytest.mark.slow), 61])
+def test_c_vector_m_encoder_on_every_float_of_its_range(stride):
+    # Pass C's AVX-512 encoder rounds m's normal and subnormal codes with one float addition (see c_encode); it must
+    # give enc_e3m4's code for every float32 it can meet: [0, VMAX (1 + 2^-22)], subnormal floats included, against
+    # the kernel's scalar encoder (itself checked against the torch map below). stride 1: every float (~20 s, slow);
+    # by default every 61st, plus each midpoint between two codes (ties to even) and its two neighbours.
+    top = int(torch.tensor(M_FORMAT.vmax * (1 + 2**-22), dtype=torch.float32).view(torch.int32))
+    mids = ((M_FORMAT.table()[1:] + M_FORMAT.table()[:-1]) / 2).to(torch.float32)
+    near = torch.cat([mids, torch.nextafter(mids, torch.zeros(())), torch.nextafter(mids, torch.ones(()) * 2)])
+    chunk = (1 << 26) * stride
+    for lo in range(0, top + 1, chunk):
+        u = torch.arange(lo, min(lo + chunk, top + 1), stride, dtype=torch.int32).view(torch.float32)
+        if lo == 0:
+            u = torch.cat([near, u])
+        q = cpu_fused_8bit.encode_m_simd(u)
+        if q is None:
+            pytest.skip("this build of the kernel has no AVX-512 passes")
+        want = cpu_fused_8bit.encode(u, True)
+        bad = (q.to(torch.int32) != want).nonzero()
+        assert bad.numel() == 0, f"u={u[bad[:4, 0]].tolist()}: {q[bad[:4, 0]].tolist()} != {want[bad[:4, 0]].tolist()}"
+
+
+@needs_c
 @pytest.mark.parametrize("signed", [True, False])
 def test_c_codec_matches_torch_bit_for_bit(signed):
     fmt = M_FORMAT if signed else F_FORMAT
@@ -377,16 +400,31 @@ def test_c_kernel_one_call_equals_the_three_phases(threads, shapes):
 
 @needs_c
 @pytest.mark.parametrize("flush", [False, True])
-@pytest.mark.parametrize("hyper_name", ["default", "no_wd"])
-def test_c_kernel_avx512_passes_equal_the_generic_loops(hyper_name, flush):
+@pytest.mark.parametrize(
+    ("hyper_name", "block"),
+    [
+        ("default", 64),
+        ("no_wd", 64),
+        ("clip_eps", 64),
+        ("no_clip", 64),
+        ("default", 32),
+        ("default", 112),
+        ("default", 256),
+        ("default", 16),
+    ],
+)
+def test_c_kernel_avx512_passes_equal_the_generic_loops(hyper_name, block, flush):
     # Where the build has them, passes B and C of fp32 params with p = 0.5 run hand-vectorized (16 lanes, masked
     # partial blocks); they do the generic loops' float operations in the same order, so params, codes and scales come
     # out bit for bit the same (pass B's float64 sums are added in another order; here, as in every case measured,
     # the float32 scalars derived from them round the same). flush: denormals flushed, the arithmetic decoders.
+    # Pass C is compiled per case: clip_eps clips every tensor's natural gradient, no_clip none (inv_kg = 1, whose
+    # multiply is skipped). Blocks of 1, 2, 7, 16 vectors: the software-pipelined loops (two vectors ahead) take
+    # none, one, three and eight rounds, the 7-vector block ends with a vector alone.
     if not cpu_fused_8bit.set_simd(True):
         pytest.skip("this build of the kernel has no AVX-512 passes")
-    state = _state([(70_000,), (200, 700), (4099,), (33, 65)], seed=9, block=64)
-    hyper = HYPERS[hyper_name]
+    state = _state([(70_000,), (200, 700), (4099,), (33, 65)], seed=9, block=block)
+    hyper = {**HYPERS, "no_clip": {"clip": 1e30}}[hyper_name]
     outs = []
     old_threads = torch.get_num_threads()
     try:
@@ -396,7 +434,7 @@ def test_c_kernel_avx512_passes_equal_the_generic_loops(hyper_name, flush):
         for simd in (True, False):
             cpu_fused_8bit.set_simd(simd)
             out = _clone(state)
-            _step("c", out, hyper=hyper)
+            _step("c", out, block_size=block, hyper=hyper)
             outs.append(out)
     finally:
         cpu_fused_8bit.set_simd(True)
@@ -406,7 +444,7 @@ def test_c_kernel_avx512_passes_equal_the_generic_loops(hyper_name, flush):
         for x, y in zip(a, b):
             assert x is None or torch.equal(x, y)
     ref = _clone(state)
-    _step("forloop", ref, hyper=hyper)
+    _step("forloop", ref, block_size=block, hyper=hyper)
     _compare(ref, outs[0])
 
 

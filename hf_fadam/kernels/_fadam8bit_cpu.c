@@ -30,12 +30,15 @@
  * otherwise, or when a block's maximum overflowed to inf.
  *
  * Cost: decoding is a shift and a multiply per code through float32 subnormals (dn_ok(): AMD x86-64 without DAZ),
- * else a shift, an add and a select; encoding ~12 integer/float ops per state, plus f's rounding hash (two
- * multiplies, three shift-xors, one per two elements). On the 2-core CPU of the benchmarks here that codec work, on
- * top of FAdam's sqrt and division in passes B and C, not memory traffic, sets the step time (pass C costs the same
- * per element with its data in L3 as streamed from memory; measured: without the encoding pass C takes ~60 % of
- * its time, without the hash ~90 %). So the three passes of fp32 params have hand-vectorized AVX-512 versions
- * (below), pass C runs one block's encoding under the next block's update, and chunks are long (~10 %).
+ * else a shift, an add and a select; encoding ~7 integer/float ops for m (one float addition rounds both of its
+ * ranges, see c_encode) and ~8 for s, plus f's rounding hash (two multiplies, three shift-xors, one per two
+ * elements). On one core of the 2-core Zen 4 of the benchmarks here, pass C is compute-bound (~0.76 ns/element, the
+ * same with its data in L3 as streamed from memory; measured without the encoding: ~70 % of that, without the hash
+ * ~92 %, without the sqrt and division ~91 %); passes A and B run at about the core's read bandwidth (~19 GB/s).
+ * The sqrt and the division of B and C take ~16 cycles of the divider per 16 lanes and have long latencies, so
+ * both passes are software-pipelined two vectors ahead (B -12 %, C -5 % with their data in cache). So the three
+ * passes of fp32 params have hand-vectorized AVX-512 versions (below), pass C runs one block's encoding under the
+ * next block's update, and chunks are long (~10 %).
  */
 #include <float.h>
 #include <math.h>
@@ -324,34 +327,65 @@ static inline __m512d hi8(__m512 x) {
     return _mm512_cvtps_pd(_mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(x), 1)));
 }
 
-/* one vector of pass B: elements [i, i + 16) under mask k; adds to the float64 accumulators */
-static inline __attribute__((always_inline)) void b_vec(const float *th, const float *g, const uint8_t *fc, int64_t i,
-                                                        __mmask16 k, __m512 sc, const __m512 *c, const int dn,
-                                                        const int want_w, const int ug, __m512d *acc) {
+/* one vector of pass B in two stages, elements [i, i + 16) under mask k. Stage 1: g (times gmul unless ug: gmul is
+   1) and rd = 1 / (sqrt(f_new) + eps_hat); stage 2 adds (g rd)^2 and (theta rd)^2 to the float64 accumulators. */
+typedef struct {
+    __m512 gv, rd;
+} b_front;
+static inline __attribute__((always_inline)) b_front b_stage1(const float *g, const uint8_t *fc, int64_t i,
+                                                              __mmask16 k, __m512 sc, const __m512 *c, const int dn,
+                                                              const int ug) {
     __m512 gv = _mm512_maskz_loadu_ps(k, g + i);
-    if (!ug) gv = _mm512_mul_ps(gv, c[0]); /* ug: gmul is 1 */
+    if (!ug) gv = _mm512_mul_ps(gv, c[0]);
     __m512 so = dec_s16(_mm512_cvtepu8_epi32(_mm_maskz_loadu_epi8(k, fc + i)), sc, dn);
     __m512 fn = _mm512_add_ps(_mm512_mul_ps(_mm512_mul_ps(so, so), c[1]), _mm512_mul_ps(_mm512_mul_ps(gv, gv), c[2]));
-    __m512 rd = _mm512_div_ps(c[4], _mm512_add_ps(_mm512_sqrt_ps(fn), c[3]));
-    __m512 nb = _mm512_maskz_mul_ps(k, gv, rd);
+    const b_front r = {gv, _mm512_div_ps(c[4], _mm512_add_ps(_mm512_sqrt_ps(fn), c[3]))};
+    return r;
+}
+static inline __attribute__((always_inline)) void b_stage2(const float *th, int64_t i, __mmask16 k, const int want_w,
+                                                           b_front f, __m512d *acc) {
+    __m512 nb = _mm512_maskz_mul_ps(k, f.gv, f.rd);
     acc[0] = _mm512_fmadd_pd(lo8(nb), lo8(nb), acc[0]);
     acc[1] = _mm512_fmadd_pd(hi8(nb), hi8(nb), acc[1]);
     if (want_w) {
-        __m512 w = _mm512_maskz_mul_ps(k, _mm512_maskz_loadu_ps(k, th + i), rd);
+        __m512 w = _mm512_maskz_mul_ps(k, _mm512_maskz_loadu_ps(k, th + i), f.rd);
         acc[2] = _mm512_fmadd_pd(lo8(w), lo8(w), acc[2]);
         acc[3] = _mm512_fmadd_pd(hi8(w), hi8(w), acc[3]);
     }
 }
+/* pass B over one block [blo, bhi), software-pipelined: stage 1 of vectors v + 2, v + 3 is issued before stage 2 of
+   v, v + 1, so that the sqrt and division (long latency, ~16 cycles of the divider per vector) run ahead and few
+   operations wait on them in the scheduler (measured: 12 % off pass B against one vector after the other). The
+   vectors are added to the accumulators in order, as before. */
 static inline __attribute__((always_inline)) void b_block(const float *th, const float *g, const uint8_t *fc,
                                                           int64_t blo, int64_t bhi, __m512 sc, const __m512 *c,
                                                           const int dn, const int want_w, const int ug,
                                                           __m512d *acc) {
+    const __mmask16 all = (__mmask16)0xFFFF;
     int64_t i = blo;
-    for (; i + 16 <= bhi; i += 16) b_vec(th, g, fc, i, (__mmask16)0xFFFF, sc, c, dn, want_w, ug, acc);
-    if (i < bhi) b_vec(th, g, fc, i, lanes(bhi - i), sc, c, dn, want_w, ug, acc);
+    if (i + 32 <= bhi) {
+        b_front a = b_stage1(g, fc, i, all, sc, c, dn, ug), b = b_stage1(g, fc, i + 16, all, sc, c, dn, ug);
+        for (; i + 64 <= bhi; i += 32) {
+            const b_front a2 = b_stage1(g, fc, i + 32, all, sc, c, dn, ug);
+            const b_front b2 = b_stage1(g, fc, i + 48, all, sc, c, dn, ug);
+            b_stage2(th, i, all, want_w, a, acc);
+            b_stage2(th, i + 16, all, want_w, b, acc);
+            a = a2;
+            b = b2;
+        }
+        b_stage2(th, i, all, want_w, a, acc);
+        b_stage2(th, i + 16, all, want_w, b, acc);
+        i += 32;
+    }
+    for (; i < bhi; i += 16) {
+        const __mmask16 k = lanes(bhi - i);
+        b_stage2(th, i, k, want_w, b_stage1(g, fc, i, k, sc, c, dn, ug), acc);
+    }
 }
-/* the compile-time cases of passes B and C but the decoder: 2 * (the weight term is on) + (gmul is 1) */
+/* the compile-time cases of passes B and C but the decoder: 2 * (the weight term is on) + (gmul is 1), and for pass C
+   4 * (inv_kg is 1) */
 static inline int simd_flags(const tscal *s) { return 2 * s->want_w + (s->gmul == 1.0f); }
+static inline int simd_flags_c(const tscal *s) { return 4 * (s->inv_kg == 1.0f) + simd_flags(s); }
 /* pass B of an 8-bit tensor, elements [lo, hi) in whole blocks (but the tensor's last): out = the two sums */
 static void pass_b_simd(const float *th, const float *g, const uint8_t *fc, const float *fsc, int64_t bs, int64_t lo,
                         int64_t hi, const tscal *s, double *out) {
@@ -401,30 +435,40 @@ static double pass_a_simd(const float *g, int64_t lo, int64_t hi, float gmul) {
 typedef struct {
     __m512 gmul, bh, omb, eps, one, inv_kg, inv_kw, b1, omb1, neg_lr, wd;
 } cvec;
-/* one vector of pass C's update: elements [j, j + 16) of the block at blo under mask k; theta stored, m_new and
-   s_new into mbuf/sbuf (0 in masked lanes), their maxima into *vam, *vas */
-static inline __attribute__((always_inline)) void c_vec(float *th, const float *g, const int8_t *mc, const uint8_t *fc,
-                                                        int64_t blo, int64_t j, __mmask16 k, __m512 ms_old,
-                                                        __m512 fs_old, const cvec *c, const int dn, const int want_w,
-                                                        const int ug, float *mbuf, float *sbuf, __m512 *vam,
-                                                        __m512 *vas) {
-    const int64_t i = blo + j;
+/* one vector of pass C's update in two stages (as pass B's), elements [j, j + 16) of the block at blo under mask k.
+   Stage 1: g, s_new = sqrt(f_new) and rd = 1 / (s_new + eps_hat); stage 2: theta stored, m_new and s_new into
+   mbuf/sbuf (0 in masked lanes), their maxima into *vam, *vas. ug: gmul is 1; kg1: inv_kg is 1 (no clipping of the
+   natural gradient; the multiply by 1 is exact and skipped). */
+typedef struct {
+    __m512 gv, sn, rd;
+} c_front;
+static inline __attribute__((always_inline)) c_front c_stage1(const float *g, const uint8_t *fc, int64_t i,
+                                                              __mmask16 k, __m512 fs_old, const cvec *c, const int dn,
+                                                              const int ug) {
     __m512 gv = _mm512_maskz_loadu_ps(k, g + i);
-    if (!ug) gv = _mm512_mul_ps(gv, c->gmul); /* ug: gmul is 1 */
+    if (!ug) gv = _mm512_mul_ps(gv, c->gmul);
     __m512 so = dec_s16(_mm512_cvtepu8_epi32(_mm_maskz_loadu_epi8(k, fc + i)), fs_old, dn);
     __m512 fn = _mm512_add_ps(_mm512_mul_ps(_mm512_mul_ps(so, so), c->bh),
                               _mm512_mul_ps(_mm512_mul_ps(gv, gv), c->omb));
     __m512 sn = _mm512_sqrt_ps(fn);
-    __m512 rd = _mm512_div_ps(c->one, _mm512_add_ps(sn, c->eps));
+    const c_front r = {gv, sn, _mm512_div_ps(c->one, _mm512_add_ps(sn, c->eps))};
+    return r;
+}
+static inline __attribute__((always_inline)) void c_stage2(float *th, const int8_t *mc, int64_t blo, int64_t j,
+                                                           __mmask16 k, __m512 ms_old, const cvec *c, const int dn,
+                                                           const int want_w, const int kg1, c_front f, float *mbuf,
+                                                           float *sbuf, __m512 *vam, __m512 *vas) {
+    const int64_t i = blo + j;
     __m512 t = _mm512_maskz_loadu_ps(k, th + i);
-    __m512 nb = _mm512_mul_ps(_mm512_mul_ps(gv, rd), c->inv_kg);
+    __m512 nb = _mm512_mul_ps(f.gv, f.rd);
+    if (!kg1) nb = _mm512_mul_ps(nb, c->inv_kg);
     __m512 mo = dec_m16(_mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(k, mc + i)), ms_old, dn);
     __m512 mn = _mm512_add_ps(_mm512_mul_ps(mo, c->b1), _mm512_mul_ps(nb, c->omb1));
     __m512 upd = mn;
-    if (want_w) upd = _mm512_add_ps(mn, _mm512_mul_ps(c->wd, _mm512_mul_ps(_mm512_mul_ps(t, rd), c->inv_kw)));
+    if (want_w) upd = _mm512_add_ps(mn, _mm512_mul_ps(c->wd, _mm512_mul_ps(_mm512_mul_ps(t, f.rd), c->inv_kw)));
     _mm512_mask_storeu_ps(th + i, k, _mm512_add_ps(t, _mm512_mul_ps(upd, c->neg_lr)));
     mn = _mm512_maskz_mov_ps(k, mn);
-    sn = _mm512_maskz_mov_ps(k, sn);
+    const __m512 sn = _mm512_maskz_mov_ps(k, f.sn);
     _mm512_storeu_ps(mbuf + j, mn);
     _mm512_storeu_ps(sbuf + j, sn);
     /* the block maxima: max(|mn|, vam) in one VRANGEPS (absolute max, sign cleared), which may keep a NaN, and
@@ -451,13 +495,16 @@ static inline __attribute__((always_inline)) void c_encode(int8_t *mc, uint8_t *
     __m512 mv = _mm512_loadu_ps(mbuf);
     __m512 u = _mm512_mul_ps(_mm512_abs_ps(mv), inv_m);
     __m512i bits = _mm512_castps_si512(u);
-    /* enc_e3m4: normal codes (bits + 0x3ffff - rebias + lsb) >> 19, the kept lsb added under a test mask;
-       subnormal codes the bits of u + 2^13 minus those of 2^13, selected under u < 2^-6 */
-    __m512i nq = _mm512_add_epi32(bits, i1(0x3ffffu - (120u << 23)));
-    nq = _mm512_mask_add_epi32(nq, _mm512_test_epi32_mask(bits, i1(1u << 19)), nq, i1(1));
-    nq = _mm512_srli_epi32(nq, 19);
-    __m512i q = _mm512_mask_sub_epi32(nq, _mm512_cmp_ps_mask(u, v1(0.015625f), _CMP_LT_OQ),
-                                      _mm512_castps_si512(_mm512_add_ps(u, v1(8192.0f))), i1(0x46000000u));
+    /* enc_e3m4 by one float addition for the normal and the subnormal codes: for u in [2^e, 2^(e+1)), e >= -6 (e = -6
+       for all u below 2^-6, the subnormal codes), C = 2^(e+19) + 64 ulps has the float32 spacing 2^(e-4), the code
+       step at u, so u + C rounds u to a multiple R of that step, ties to even, and holds it in its mantissa field as
+       64 + R (R <= 32). Its exponent field is e + 146, so bits(u + C) + (bits(u + C) >> 19) has the low byte
+       64 + R + 16 (e + 146) = 16 (e + 6) + R (mod 256): the code (0..127), which VPMOVDB keeps. No masks; checked
+       against enc_e3m4 on every float32 in [0, VMAX (1 + 2^-22)]. */
+    __m512i cb = _mm512_max_epu32(_mm512_and_si512(bits, i1(0x7f800000u)), i1(121u << 23)); /* 2^e, e >= -6 */
+    cb = _mm512_add_epi32(cb, i1((19u << 23) + 64u));
+    __m512i q = _mm512_castps_si512(_mm512_add_ps(u, _mm512_castsi512_ps(cb)));
+    q = _mm512_add_epi32(q, _mm512_srli_epi32(q, 19));
     q = _mm512_mask_sub_epi32(q, _mm512_cmp_ps_mask(mv, _mm512_setzero_ps(), _CMP_LT_OQ), _mm512_setzero_si512(), q);
     _mm512_mask_cvtepi32_storeu_epi8(mc, k, q);
     /* enc_e4m4_sr: normal codes (bits + (r >> 13) - rebias) >> 19; subnormal codes ceil(u * 2^18), as the bits of
@@ -468,7 +515,7 @@ static inline __attribute__((always_inline)) void c_encode(int8_t *mc, uint8_t *
     __m512i sqs = _mm512_castps_si512(_mm512_add_round_ps(us, v1(32.0f), _MM_FROUND_TO_POS_INF | _MM_FROUND_NO_EXC));
     __m512i qs = _mm512_mask_sub_epi32(nqs, _mm512_cmp_ps_mask(us, v1(6.103515625e-05f), _CMP_LT_OQ), sqs,
                                        i1(0x42000000u));
-    _mm512_mask_cvtepi32_storeu_epi8(fc, k, _mm512_min_epi32(qs, i1(255)));
+    _mm512_mask_cvtusepi32_storeu_epi8(fc, k, qs); /* VPMOVUSDB: the clamp at 255 in the store */
 }
 /* a block whose update is done and whose codes are still to be written: its new m and s in mbuf/sbuf, the
    reciprocals of its new scales, and its maxima (the scales to store once the codes are written) */
@@ -508,27 +555,44 @@ static inline __attribute__((always_inline)) void enc_rest(int8_t *mc, uint8_t *
     if (w < pf) enc_vec(mc, fc, pe, 16 * w++, all, iseed);
     if (16 * pf < pe->len) enc_vec(mc, fc, pe, 16 * pf, lanes(pe->len - 16 * pf), iseed);
 }
-/* the update of the block [blo, blo + len), its vectors interleaved with the encoding of the previous block's
-   (*pe, len 0 if none), two and two, so that the update's loads and the encoder's arithmetic overlap in part */
+/* the update of the block [blo, blo + len), software-pipelined as pass B's (stage 1 of vectors v + 2, v + 3 before
+   stage 2 of v, v + 1), and interleaved with the encoding of the previous block's codes (*pe, len 0 if none), two
+   vectors at a time, so that the update's loads and divisions and the encoder's integer work overlap */
 static inline __attribute__((always_inline)) void c_block(float *th, const float *g, int8_t *mc, uint8_t *fc,
                                                           int64_t blo, int64_t len, __m512 ms_old, __m512 fs_old,
                                                           const cvec *c, const int dn, const int want_w, const int ug,
-                                                          float *mbuf, float *sbuf, __m512 *vam, __m512 *vas,
-                                                          const pending_codes *pe, __m512i iseed) {
+                                                          const int kg1, float *mbuf, float *sbuf, __m512 *vam,
+                                                          __m512 *vas, const pending_codes *pe, __m512i iseed) {
     const int64_t nf = len / 16, pf = pe->len / 16;
     const __mmask16 all = (__mmask16)0xFFFF;
     int64_t v = 0, w = 0;
     if (pf > 0 && (pe->blo & 31) != 0) enc_vec(mc, fc, pe, 16 * w++, all, iseed); /* then pairs align */
-    for (; v + 2 <= nf && w + 2 <= pf; v += 2, w += 2) {
-        c_vec(th, g, mc, fc, blo, 16 * v, all, ms_old, fs_old, c, dn, want_w, ug, mbuf, sbuf, vam, vas);
-        c_vec(th, g, mc, fc, blo, 16 * v + 16, all, ms_old, fs_old, c, dn, want_w, ug, mbuf, sbuf, vam, vas);
-        enc_pair(mc, fc, pe, 16 * w, iseed);
+    if (nf >= 2) {
+        c_front a = c_stage1(g, fc, blo, all, fs_old, c, dn, ug), b = c_stage1(g, fc, blo + 16, all, fs_old, c, dn, ug);
+        for (;; v += 2) {
+            const int more = v + 4 <= nf;
+            c_front a2 = a, b2 = b;
+            if (more) {
+                a2 = c_stage1(g, fc, blo + 16 * v + 32, all, fs_old, c, dn, ug);
+                b2 = c_stage1(g, fc, blo + 16 * v + 48, all, fs_old, c, dn, ug);
+            }
+            c_stage2(th, mc, blo, 16 * v, all, ms_old, c, dn, want_w, kg1, a, mbuf, sbuf, vam, vas);
+            c_stage2(th, mc, blo, 16 * v + 16, all, ms_old, c, dn, want_w, kg1, b, mbuf, sbuf, vam, vas);
+            if (w + 2 <= pf) {
+                enc_pair(mc, fc, pe, 16 * w, iseed);
+                w += 2;
+            }
+            if (!more) break;
+            a = a2;
+            b = b2;
+        }
+        v += 2;
     }
-    for (; v < nf; ++v)
-        c_vec(th, g, mc, fc, blo, 16 * v, all, ms_old, fs_old, c, dn, want_w, ug, mbuf, sbuf, vam, vas);
-    if (16 * nf < len)
-        c_vec(th, g, mc, fc, blo, 16 * nf, lanes(len - 16 * nf), ms_old, fs_old, c, dn, want_w, ug, mbuf, sbuf,
-              vam, vas);
+    for (; 16 * v < len; ++v) {
+        const __mmask16 k = lanes(len - 16 * v);
+        c_stage2(th, mc, blo, 16 * v, k, ms_old, c, dn, want_w, kg1, c_stage1(g, fc, blo + 16 * v, k, fs_old, c, dn, ug),
+                 mbuf, sbuf, vam, vas);
+    }
     enc_rest(mc, fc, pe, w, iseed);
 }
 /* the pending block's codes are written: its scales too */
@@ -547,7 +611,7 @@ static void pass_c_simd(float *th, const float *g, int8_t *mc, uint8_t *fc, floa
     const int dn = dn_ok();
     const __m512i iseed = _mm512_xor_si512(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
                                            i1(s->seed)); /* iota ^ seed (see enc_vec) */
-    const int flags = simd_flags(s);
+    const int flags = simd_flags_c(s);
     pending_codes pe = {0, 0, 0, NULL, NULL, _mm512_setzero_ps(), _mm512_setzero_ps(), 0.0f, 0.0f};
     int slot = 0;
     for (int64_t blo = lo; blo < hi; blo += bs) {
@@ -559,11 +623,12 @@ static void pass_c_simd(float *th, const float *g, int8_t *mc, uint8_t *fc, floa
         const __m512 fs_old = v1(dnb ? fsc[blk] * 0x1p112f : fsc[blk]);
 #define C_CASE(F)                                                                                                   \
     case F:                                                                                                         \
-        c_block(th, g, mc, fc, blo, len, ms_old, fs_old, &c, (F) >> 2, ((F) >> 1) & 1, (F) & 1, mbuf, sbuf, &vam,   \
-                &vas, &pe, iseed);                                                                                   \
+        c_block(th, g, mc, fc, blo, len, ms_old, fs_old, &c, (F) >> 3, ((F) >> 1) & 1, (F) & 1, ((F) >> 2) & 1,     \
+                mbuf, sbuf, &vam, &vas, &pe, iseed);                                                                 \
         break
-        switch (4 * dnb + flags) {
+        switch (8 * dnb + flags) {
             C_CASE(0); C_CASE(1); C_CASE(2); C_CASE(3); C_CASE(4); C_CASE(5); C_CASE(6); C_CASE(7);
+            C_CASE(8); C_CASE(9); C_CASE(10); C_CASE(11); C_CASE(12); C_CASE(13); C_CASE(14); C_CASE(15);
         }
 #undef C_CASE
         if (pe.len > 0) finish_pending(&pe, msc, fsc);
@@ -863,6 +928,25 @@ static inline int simd_applies(const float *fsc, int64_t bs, const tscal *s) {
 DEFINE_PASSES(f32, float, ID, ID)
 DEFINE_PASSES(bf16, uint16_t, bf16_load, bf16_store)
 DEFINE_PASSES(f16, uint16_t, f16_load, f16_store)
+
+/* test hook: pass C's vector encoder of the m map (c_encode with inv_m = 1) on u >= 0, |u| <= VMAX (1 + 2^-23);
+   codes into q. Returns 0 where this build has no AVX-512 passes (q untouched), else 1. */
+int hf_fadam8_encode_m_simd(const float *u, int8_t *q, int64_t n) {
+#if HAVE_SIMD
+    uint8_t sink[16];
+    const float zeros[16] = {0};
+    for (int64_t i = 0; i < n; i += 16) {
+        const __mmask16 k = lanes(n - i);
+        float buf[16] = {0};
+        memcpy(buf, u + i, sizeof(float) * (size_t)(n - i < 16 ? n - i : 16));
+        c_encode(q + i, sink, buf, zeros, k, v1(1.0f), v1(0.0f), _mm512_setzero_si512());
+    }
+    return 1;
+#else
+    (void)u, (void)q, (void)n;
+    return 0;
+#endif
+}
 
 /* test hooks: the maps, element by element; sr: the f map's stochastic rounding with the bits of _quant.sr_bits,
    r = sr_bits32(i, seed) */

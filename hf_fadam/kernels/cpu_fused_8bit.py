@@ -61,6 +61,8 @@ def _loader(path: Path) -> ctypes.CDLL:
         fn.restype = ctypes.c_int
     for name in ("hf_fadam8_encode", "hf_fadam8_decode"):
         getattr(lib, name).restype = None
+    lib.hf_fadam8_encode_m_simd.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64]
+    lib.hf_fadam8_encode_m_simd.restype = ctypes.c_int
     lib.hf_fadam8_set_simd.argtypes = [ctypes.c_int]
     lib.hf_fadam8_set_simd.restype = ctypes.c_int
     return lib
@@ -108,6 +110,16 @@ def encode(u: Tensor, signed: bool, seed: int | None = None) -> Tensor:
                          ctypes.c_int(int(signed)), ctypes.c_int(seed is not None),
                          ctypes.c_int64(0 if seed is None else int(seed)))  # fmt: skip
     return q
+
+
+def encode_m_simd(u: Tensor) -> Tensor | None:
+    """Pass C's AVX-512 encoder of the m map on float32 values in [0, VMAX] (test hook): int8 codes, or None where
+    this build has no AVX-512 passes."""
+    u = u.to(torch.float32).contiguous()
+    q = torch.empty(u.shape, dtype=torch.int8)
+    done = _get_lib().hf_fadam8_encode_m_simd(ctypes.c_void_p(u.data_ptr()), ctypes.c_void_p(q.data_ptr()),
+                                              ctypes.c_int64(u.numel()))  # fmt: skip
+    return q if done else None
 
 
 def decode(q: Tensor, signed: bool) -> Tensor:
