@@ -241,10 +241,25 @@ class FAdam8bit(FAdam):
         """Load state keeping every tensor's dtype: codes stay int8/uint8, scales and fp32 state float32.
 
         The tensors are copied onto the parameter's device. A state from :class:`FAdam` (fp32 ``exp_avg`` and
-        ``fisher``) is quantized for the tensors that this optimizer keeps in 8 bits. A block_size that does not
-        match the saved scales raises ``ValueError``.
+        ``fisher``) is quantized for the tensors that this optimizer keeps in 8 bits, with this optimizer's
+        ``block_size`` and ``min_8bit_size`` (a FAdam8bit state dict brings its own, as torch restores every
+        hyperparameter). A block_size that does not match the saved scales raises ``ValueError``. Under FSDP2/TP the
+        state is each rank's shard: load each rank's own save, with the same world size; a FAdam state dict's
+        DTensor state must be placed like its parameter.
         """
         saved_state = state_dict["state"]
+        # A group saved without the 8-bit settings (a FAdam state dict) keeps this optimizer's: otherwise torch's
+        # load would replace the group and __setstate__ fill in the defaults, silently changing them.
+        groups = [
+            {**{k: cur[k] for k in _EIGHT_BIT_KEYS if k in cur}, **saved}
+            for saved, cur in zip(state_dict["param_groups"], self.param_groups)
+        ] + list(state_dict["param_groups"][len(self.param_groups) :])
+        for g in groups:
+            if "block_size" in g:
+                _check_block_size(g["block_size"])
+            if "min_8bit_size" in g:
+                _check_min_size(g["min_8bit_size"])
+        state_dict = {**state_dict, "param_groups": groups}
         Optimizer.load_state_dict(self, {**state_dict, "state": {}})
         saved_ids = chain.from_iterable(g["params"] for g in state_dict["param_groups"])
         params = chain.from_iterable(g["params"] for g in self.param_groups)
@@ -260,24 +275,32 @@ class FAdam8bit(FAdam):
             restored = {name: t.to(device=dev, copy=True) if isinstance(t, Tensor) else t for name, t in value.items()}
             if "step" in restored and isinstance(restored["step"], Tensor):
                 restored["step"] = restored["step"].to(torch.float32)
+            # a DTensor parameter (FSDP2/TP) keeps its state as plain tensors of its local shard
+            shard = param.to_local() if _is_dtensor(param) else param
+            where = " (this rank's shard)" if shard is not param else ""
             if "fisher_sqrt" in restored:
-                nb = num_blocks(param.numel(), group["block_size"])
+                nb = num_blocks(shard.numel(), group["block_size"])
                 for name in ("exp_avg", "fisher_sqrt"):
-                    if restored[name].numel() != param.numel():
+                    if restored[name].numel() != shard.numel():
                         raise ValueError(
                             f"FAdam8bit.load_state_dict: state {name!r} has {restored[name].numel()} codes for a "
-                            f"parameter of {param.numel()} elements"
+                            f"parameter of {shard.numel()} elements{where}"
                         )
                 for name in ("exp_avg_scale", "fisher_sqrt_scale"):
                     if restored[name].numel() != nb:
                         raise ValueError(
                             f"FAdam8bit.load_state_dict: state {name!r} has {restored[name].numel()} scales, but "
-                            f"block_size={group['block_size']} needs {nb} for {param.numel()} elements; load it "
-                            "with the block_size it was saved with"
+                            f"block_size={group['block_size']} needs {nb} for {shard.numel()} elements{where}; load "
+                            "it with the block_size it was saved with"
                         )
             elif "fisher" in restored:
-                m = restored["exp_avg"].to(torch.float32)
-                f = restored["fisher"].to(torch.float32)
+                m = _local_state(restored["exp_avg"], param, "exp_avg").to(torch.float32)
+                f = _local_state(restored["fisher"], param, "fisher").to(torch.float32)
+                if m.shape != shard.shape or f.shape != shard.shape:
+                    raise ValueError(
+                        f"FAdam8bit.load_state_dict: fp32 state of shape {tuple(m.shape)}/{tuple(f.shape)} for a "
+                        f"parameter of shape {tuple(shard.shape)}{where}"
+                    )
                 if self._quantized(param, group):
                     bs = group["block_size"]
                     restored["exp_avg"], restored["exp_avg_scale"] = quantize_blockwise(m, bs, signed=True)
@@ -286,6 +309,26 @@ class FAdam8bit(FAdam):
                 else:
                     restored["exp_avg"], restored["fisher"] = m, f
             self.state[param] = restored
+
+
+_EIGHT_BIT_KEYS = ("block_size", "min_8bit_size")
+
+
+def _local_state(t: Tensor, param: Tensor, name: str) -> Tensor:
+    """A saved fp32 state tensor as FAdam8bit keeps it: the local shard when ``param`` is a DTensor.
+
+    :class:`FAdam`'s sharded state is DTensors placed like their param; FAdam8bit's is their local shard, so a
+    DTensor state must be placed like the param (otherwise its local shard is some other part of the tensor).
+    """
+    if not _is_dtensor(t):
+        return t
+    if not _is_dtensor(param) or t.device_mesh != param.device_mesh or t.placements != param.placements:
+        placed = f"{tuple(param.placements)} on {param.device_mesh}" if _is_dtensor(param) else "a plain tensor"
+        raise ValueError(
+            f"FAdam8bit.load_state_dict: state {name!r} is a DTensor with placements {tuple(t.placements)} on "
+            f"{t.device_mesh}, but its parameter is {placed}"
+        )
+    return t.to_local()
 
 
 def _check_block_size(block_size: Any) -> None:

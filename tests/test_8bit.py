@@ -747,13 +747,29 @@ def test_block_size_comes_with_the_state_dict_and_a_mismatch_is_an_error():
 
 def test_fadam_state_dict_loads_quantized():
     model, opt, _ = _train(lambda ps: FAdam(ps, lr=1e-3), 3)
-    opt8 = FAdam8bit(model.parameters(), lr=1e-3, min_8bit_size=1000)
+    opt8 = FAdam8bit(model.parameters(), lr=1e-3, min_8bit_size=1000, block_size=64)
     opt8.load_state_dict(opt.state_dict())
-    w1 = next(model.parameters())
-    st = opt8.state[w1]
-    assert st["exp_avg"].dtype == torch.int8
-    m = dequantize_blockwise(st["exp_avg"], st["exp_avg_scale"], 256)
-    torch.testing.assert_close(m, opt.state[w1]["exp_avg"], atol=0.04 * opt.state[w1]["exp_avg"].abs().max(), rtol=0)
+    # FAdam's groups have no 8-bit settings: this optimizer's stay (not the defaults 256 / 4096)
+    assert (opt8.param_groups[0]["block_size"], opt8.param_groups[0]["min_8bit_size"]) == (64, 1000)
+    w1, b1, w2, _ = model.parameters()
+    for p in (w1, w2):  # 8192 and 1280 elements: 8-bit under min_8bit_size=1000
+        st, ref = opt8.state[p], opt.state[p]
+        assert st["exp_avg"].dtype == torch.int8 and "fisher" not in st
+        codes, scales = quantize_blockwise(ref["exp_avg"], 64, signed=True)
+        assert torch.equal(st["exp_avg"], codes) and torch.equal(st["exp_avg_scale"], scales)
+        codes, scales = quantize_blockwise(ref["fisher"].sqrt(), 64, signed=False)
+        assert torch.equal(st["fisher_sqrt"], codes) and torch.equal(st["fisher_sqrt_scale"], scales)
+        m = dequantize_blockwise(st["exp_avg"], st["exp_avg_scale"], 64)
+        torch.testing.assert_close(m, ref["exp_avg"], atol=0.04 * ref["exp_avg"].abs().max(), rtol=0)
+    assert torch.equal(opt8.state[b1]["exp_avg"], opt.state[b1]["exp_avg"])  # fp32 state, as it was
+
+
+def test_load_state_dict_checks_the_8bit_settings_it_brings():
+    model, opt, _ = _train(lambda ps: FAdam8bit(ps, min_8bit_size=100, block_size=64), 1)
+    sd = copy.deepcopy(opt.state_dict())
+    sd["param_groups"][0]["block_size"] = 48
+    with pytest.raises(ValueError, match="block_size: 48"):
+        FAdam8bit(model.parameters(), min_8bit_size=100, block_size=64).load_state_dict(sd)
 
 
 @pytest.mark.parametrize("impl", [dict(foreach=True), pytest.param(dict(fused=True), marks=needs_c)])
