@@ -88,17 +88,13 @@ class FAdam8bit(FAdam):
         for group in self.param_groups:
             for key, value in self._init_8bit.items():
                 group.setdefault(key, value)
-            _check_block_size(group["block_size"])
-            _check_min_size(group["min_8bit_size"])
+            _check_8bit_settings(group)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         extra = getattr(self, "_init_8bit", None) or {}
         for key, value in extra.items():
             param_group.setdefault(key, value)
-        if "block_size" in param_group:
-            _check_block_size(param_group["block_size"])
-        if "min_8bit_size" in param_group:
-            _check_min_size(param_group["min_8bit_size"])
+        _check_8bit_settings(param_group)
         super().add_param_group(param_group)
 
     def __setstate__(self, state: dict[str, Any]) -> None:
@@ -253,12 +249,9 @@ class FAdam8bit(FAdam):
         groups = [
             {**{k: cur[k] for k in _EIGHT_BIT_KEYS if k in cur}, **saved}
             for saved, cur in zip(state_dict["param_groups"], self.param_groups)
-        ] + list(state_dict["param_groups"][len(self.param_groups) :])
+        ] + list(state_dict["param_groups"][len(self.param_groups) :])  # extra groups: torch's load refuses them
         for g in groups:
-            if "block_size" in g:
-                _check_block_size(g["block_size"])
-            if "min_8bit_size" in g:
-                _check_min_size(g["min_8bit_size"])
+            _check_8bit_settings(g)
         state_dict = {**state_dict, "param_groups": groups}
         Optimizer.load_state_dict(self, {**state_dict, "state": {}})
         saved_ids = chain.from_iterable(g["params"] for g in state_dict["param_groups"])
@@ -322,13 +315,23 @@ def _local_state(t: Tensor, param: Tensor, name: str) -> Tensor:
     """
     if not _is_dtensor(t):
         return t
-    if not _is_dtensor(param) or t.device_mesh != param.device_mesh or t.placements != param.placements:
+    from ._sharded import _placed_like
+
+    if not _is_dtensor(param) or not _placed_like(t, param._spec):
         placed = f"{tuple(param.placements)} on {param.device_mesh}" if _is_dtensor(param) else "a plain tensor"
         raise ValueError(
             f"FAdam8bit.load_state_dict: state {name!r} is a DTensor with placements {tuple(t.placements)} on "
             f"{t.device_mesh}, but its parameter is {placed}"
         )
     return t.to_local()
+
+
+def _check_8bit_settings(group: dict[str, Any]) -> None:
+    """Validate a param group's ``block_size`` and ``min_8bit_size``, where it has them."""
+    if "block_size" in group:
+        _check_block_size(group["block_size"])
+    if "min_8bit_size" in group:
+        _check_min_size(group["min_8bit_size"])
 
 
 def _check_block_size(block_size: Any) -> None:

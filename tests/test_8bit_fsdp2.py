@@ -175,6 +175,15 @@ RESUME_WORKER = textwrap.dedent(
             from_fadam.append(type(st8["exp_avg"]) is torch.Tensor)
         run(m3, opt3, range(3, 4))
         from_fadam.append(all(bool(p.to_local().isfinite().all()) for p in m3.parameters()))
+        # a DTensor state placed unlike its param (its local shard would be other elements) is refused
+        from torch.distributed.tensor import Replicate
+        sd = fadam.state_dict()
+        sd["state"][0] = dict(sd["state"][0], exp_avg=sd["state"][0]["exp_avg"].redistribute(placements=[Replicate()]))
+        try:
+            FAdam8bit(m3.parameters(), **KW).load_state_dict(sd)
+            from_fadam.append(False)  # loaded without an error
+        except ValueError as e:
+            from_fadam.append("'exp_avg' is a DTensor with placements (Replicate(),)" in str(e))
         torch.save(
             {"straight": straight, "resumed": resumed, "straight_state": straight_state,
              "resumed_state": resumed_state, "kinds": kinds, "from_fadam": from_fadam},
