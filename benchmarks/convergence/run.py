@@ -18,6 +18,8 @@ Re-render results.md and the PNGs from an existing runs.csv / curves.csv:
     python benchmarks/convergence/report.py --out benchmarks/convergence/results
 
 A study that was stopped continues where it stopped with ``--resume`` (runs already in runs.csv are skipped).
+Without ``--resume`` the runs asked for are redone: only their rows (same task, optimizer, lr, seed and mode) are
+dropped from runs.csv and curves.csv; every other run's rows stay.
 Needs torch, numpy, scikit-learn, jiwer, matplotlib, pytorch-optimizer and the ``espeak-ng`` binary.
 """
 
@@ -169,11 +171,36 @@ def _append(path: Path, columns: tuple, rows: list[dict]) -> None:
         writer.writerows(rows)
 
 
+def _row_key(r: dict) -> tuple:
+    """What identifies a run, in runs.csv and curves.csv alike."""
+    return (r["task"], r["optimizer"], float(r["lr"]), int(r["seed"]), r["mode"])
+
+
+def _spec_key(s: dict) -> tuple:
+    return (s["task"], s["optimizer"], float(s["lr"]), int(s["seed"]), "quick" if s["quick"] else "full")
+
+
 def _done_keys(path: Path) -> set[tuple]:
     if not path.exists():
         return set()
-    with path.open() as f:
-        return {(r["task"], r["optimizer"], float(r["lr"]), int(r["seed"]), r["mode"]) for r in csv.DictReader(f)}
+    with path.open(newline="") as f:
+        return {_row_key(r) for r in csv.DictReader(f)}
+
+
+def _drop_runs(path: Path, keys: set[tuple]) -> int:
+    """Removes the rows of the runs in ``keys`` from a CSV and keeps every other row as it was; returns how many went."""
+    if not path.exists():
+        return 0
+    with path.open(newline="") as f:
+        reader = csv.DictReader(f)
+        fieldnames, rows = reader.fieldnames or [], list(reader)
+    kept = [r for r in rows if _row_key(r) not in keys]
+    if len(kept) < len(rows):
+        with path.open("w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=fieldnames)
+            writer.writeheader()
+            writer.writerows(kept)
+    return len(rows) - len(kept)
 
 
 def build_specs(args: argparse.Namespace) -> list[dict]:
@@ -216,7 +243,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help=f"comma-separated subset of {','.join(OPTIMIZERS + ABLATIONS + OPTIONAL_OPTIMIZERS)} (default: %(default)s)",
     )
     p.add_argument("--cache-dir", default=default_cache_dir(), help="synthesised speech cache (default: %(default)s)")
-    p.add_argument("--resume", action="store_true", help="keep runs.csv/curves.csv and skip the runs already there")
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="skip the runs already in runs.csv (without it they are redone; other runs' rows are always kept)",
+    )
     p.add_argument("--lrs", default="", help="comma-separated subset of the lr grid to run (default: all of it)")
     args = p.parse_args(argv)
     args.lrs = [float(x) for x in args.lrs.split(",") if x]
@@ -234,15 +265,12 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     runs_csv, curves_csv = out / "runs.csv", out / "curves.csv"
-    if not args.resume:
+    if not args.resume:  # redo the runs asked for: drop their old rows only, never other runs'
+        redo = {_spec_key(s) for s in build_specs(args)}
         for f in (runs_csv, curves_csv):
-            f.unlink(missing_ok=True)
+            _drop_runs(f, redo)
     done = _done_keys(runs_csv)
-    specs = [
-        s
-        for s in build_specs(args)
-        if (s["task"], s["optimizer"], s["lr"], s["seed"], "quick" if s["quick"] else "full") not in done
-    ]
+    specs = [s for s in build_specs(args) if _spec_key(s) not in done]
     t0 = time.perf_counter()
     if "asr" in args.tasks:  # synthesise and featurise once, before the workers start
         mod = task_module("asr")
