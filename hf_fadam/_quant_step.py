@@ -24,10 +24,13 @@ from torch import Tensor
 
 from ._multi_tensor import _is_dtensor
 from ._quant import dequantize_blockwise, quantize_blockwise, sr_seeds
+from ._state_checks import check_8bit_state
 from .functional import fadam
 
 
 __all__ = ["fadam8bit", "resolve_implementation_8bit"]
+
+_FUSED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 def _triton_backend_on_cpu() -> bool:
@@ -63,7 +66,7 @@ def _fused_ok(params: list[Tensor]) -> bool:
     if torch.compiler.is_compiling():
         return False
     for t in params:
-        if _is_dtensor(t) or t.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        if _is_dtensor(t) or t.dtype not in _FUSED_DTYPES:
             return False
     for device_type in {t.device.type for t in params}:
         try:
@@ -143,6 +146,18 @@ def fadam8bit(
     streams = list(range(len(params))) if streams is None else list(streams)
     if len(streams) != len(params):
         raise ValueError(f"fadam8bit: streams has {len(streams)} entries for {len(params)} params")
+    # Everything is checked before anything changes (steps included): state from a checkpoint or a user's hands
+    # reaches no kernel, and no half-done step is left behind, unless it fits.
+    lists = [params, grads, exp_avgs, fishers, exp_avg_scales, fisher_scales, state_steps]
+    if len({len(lst) for lst in lists}) != 1:
+        raise ValueError(f"fadam8bit: the tensor lists have different lengths {[len(lst) for lst in lists]}")
+    for i, (prm, m, f, msc, fsc) in enumerate(zip(params, exp_avgs, fishers, exp_avg_scales, fisher_scales)):
+        if impl == "fused" and prm.dtype not in _FUSED_DTYPES:
+            raise TypeError(
+                f"FAdam8bit(fused=True) steps float32, bfloat16 and float16 params; params[{i}] is {prm.dtype}. "
+                "Use fused=None or foreach=True for it (the reference path steps any floating dtype)."
+            )
+        check_8bit_state("FAdam8bit", i, prm, m, f, msc, fsc, block_size)
     if impl != "fused":
         _dequantized_step(params, grads, exp_avgs, fishers, exp_avg_scales, fisher_scales, state_steps,
                           block_size=block_size, foreach=impl == "foreach", numels=numels, reduce=reduce,
@@ -153,7 +168,6 @@ def fadam8bit(
         raise ValueError(
             f"FAdam8bit: with a reduce hook all tensors must be on one device; got {sorted(map(str, devices))}"
         )
-    lists = [params, grads, exp_avgs, fishers, exp_avg_scales, fisher_scales, state_steps]
     grouped: dict[tuple[torch.device, torch.dtype], list[int]] = {}
     for i in range(len(params)):
         grouped.setdefault((params[i].device, params[i].dtype), []).append(i)

@@ -10,7 +10,9 @@ from torch import Tensor
 from torch.optim.optimizer import Optimizer
 
 from ._flat import flat_fadam_group, get_layout, has_layouts, install_engine_hooks
+from ._fsdp1 import check_allow_flat_shards, refuse_fsdp1_flat
 from ._math import resolve_state_dtype
+from ._state_checks import check_fp_state
 from .functional import describe_implementation, fadam
 
 
@@ -94,6 +96,10 @@ class FAdam(Optimizer):
             path is used where available (not for DTensor parameters, not under ``torch.compile``), else foreach.
         state_dtype (torch.dtype, str or None, default None): dtype of ``exp_avg`` and ``fisher``: float32 for
             float16/bfloat16 params, the param dtype otherwise. It is kept through ``load_state_dict``.
+        allow_flat_shards (bool, default False): accept FSDP1 (``FullyShardedDataParallel``) parameters, i.e. flat
+            parameters or 1-D views of a process's shard, and take every RMS per shard. Without it such a parameter
+            raises ``RuntimeError`` (in the constructor, or at its first step if FSDP1 wrapped it later); FSDP2
+            (``fully_shard``) is exact. A setting of this optimizer object: not in its param groups or state dict.
 
     Notes:
         - Empirical Fisher: ``f`` is built from squared gradients of the training loss. The paper argues this is
@@ -109,7 +115,8 @@ class FAdam(Optimizer):
         - Under FSDP2 (DTensor parameters) every RMS is reduced over the shards, so the update does not depend on
           the number of processes. Under DeepSpeed ZeRO 1-3 each group holds one flat partition that cuts across
           tensors; :mod:`hf_fadam.integrations.deepspeed` maps it back to parameters (``hf_fadam._flat``), so
-          every RMS is still per whole tensor. FSDP1's flat shards are not mapped.
+          every RMS is still per whole tensor. FSDP1's flat shards are not mapped: refused unless
+          ``allow_flat_shards=True``.
 
     State per parameter: ``step`` (0-d float32 tensor on the parameter's device), ``exp_avg`` (m), ``fisher`` (f).
     """
@@ -128,6 +135,7 @@ class FAdam(Optimizer):
         foreach: bool | None = None,
         fused: bool | None = None,
         state_dtype: torch.dtype | str | None = None,
+        allow_flat_shards: bool = False,
     ) -> None:
         defaults = dict(
             lr=lr,
@@ -144,6 +152,8 @@ class FAdam(Optimizer):
         self._validate_group(defaults)
         defaults["state_dtype"] = _parse_state_dtype(state_dtype)
         defaults["betas"] = tuple(float(b) for b in betas)
+        # Not a group hyperparameter: loading a state dict must not turn the FSDP1 refusal on or off.
+        self.allow_flat_shards = check_allow_flat_shards(allow_flat_shards)
         super().__init__(params, defaults)
         # An engine already imported that hands FAdam flat partitions (DeepSpeed ZeRO) describes them to FAdam.
         install_engine_hooks()
@@ -183,14 +193,24 @@ class FAdam(Optimizer):
         param_group["state_dtype"] = _parse_state_dtype(param_group["state_dtype"])
         param_group["betas"] = tuple(float(b) for b in param_group["betas"])
         params = param_group["params"]
-        for param in [params] if isinstance(params, Tensor) else list(params):
+        if isinstance(params, Tensor):
+            params = [params]
+        elif not isinstance(params, set):  # (the base class refuses a set: its order is not defined)
+            params = list(params)  # a generator (``{"params": model.parameters()}``) is read once, here
+        param_group["params"] = params
+        for param in params:
             if not isinstance(param, Tensor):
                 continue  # the base class reports non-tensors
             if torch.is_complex(param):
                 raise ValueError(f"FAdam does not support complex parameters; got one of dtype {param.dtype}")
             if not param.is_floating_point():
                 raise ValueError(f"FAdam optimizes floating-point parameters only; got one of dtype {param.dtype}")
+            refuse_fsdp1_flat(self, param)  # FSDP1 flat parameters / shard views, unless allow_flat_shards
         super().add_param_group(param_group)
+
+    def __getstate__(self) -> dict[str, Any]:
+        # torch pickles defaults, state and param_groups only; keep the FSDP1 opt-in through pickle and deepcopy.
+        return {**super().__getstate__(), "allow_flat_shards": getattr(self, "allow_flat_shards", False)}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
@@ -217,6 +237,7 @@ class FAdam(Optimizer):
                 raise RuntimeError("FAdam does not support sparse gradients; use a dense gradient layout")
             state = self.state[param]
             if len(state) == 0:
+                refuse_fsdp1_flat(self, param)  # wrapped by FSDP1 after this optimizer was built
                 if torch.is_complex(grad):  # (autograd gives a grad the param's dtype; checked once, not per step)
                     raise RuntimeError(f"FAdam does not support complex gradients; got one of dtype {grad.dtype}")
                 state_dtype = resolve_state_dtype(param.dtype, group["state_dtype"])
@@ -298,28 +319,122 @@ class FAdam(Optimizer):
         return "; ".join(f"group {i}: {answer}" for i, answer in answers.items())
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Load state as torch's ``Optimizer.load_state_dict`` does, but keep each state tensor's dtype.
+        """Load state as torch's ``Optimizer.load_state_dict`` does, but keep each state tensor's dtype, and check it.
 
         torch's base class casts every floating-point state tensor to its parameter's dtype, which would round
         float32 state of bfloat16 params through bfloat16. Here ``exp_avg``/``fisher`` come back in the group's state
-        dtype (float32 for bf16 params by default) and ``step`` as a float32 tensor on the parameter's device, so a
-        resumed run continues exactly. The tensors are copied, so the optimizer never shares state with the dict it
-        was loaded from.
+        dtype (float32 for bf16 params by default) and ``step`` as a float32 tensor on the parameter's device (also
+        from an older checkpoint that saved it as a Python number), so a resumed run continues exactly. The tensors
+        are copied, so the optimizer never shares state with the dict it was loaded from.
+
+        Nothing is loaded unchecked: each group's hyperparameters are validated as in the constructor, and each state
+        tensor must have its parameter's shape (``ValueError`` naming the entry otherwise). A :class:`FAdam8bit`
+        state dict loads too: its 8-bit ``exp_avg``/``fisher_sqrt`` codes are dequantized (m, and f = s²) with the
+        ``block_size`` they were saved with, and its 8-bit settings are dropped from the groups.
 
         The load runs inside torch's hook contract: hooks added with ``register_load_state_dict_pre_hook`` run first
         and their edits of ``state_dict`` (including ``"state"``) are what is loaded; hooks added with
-        ``register_load_state_dict_post_hook`` run after ``self.state`` holds the loaded, dtype-restored state. To do
-        that, two hooks of FAdam's own are added for the duration of the call: a pre-hook that runs after every other
-        pre-hook and hands the tensors of ``"state"`` to the base class in an opaque box (so it does not cast them),
-        and a post-hook that runs before every other post-hook and unboxes them with the right dtype and device.
+        ``register_load_state_dict_post_hook`` run after ``self.state`` holds the loaded, checked state. To do that,
+        two hooks of FAdam's own are added for the duration of the call: a pre-hook that runs after every other
+        pre-hook, checks and converts the state and hands its tensors to the base class in an opaque box (so it does
+        not cast them), and a post-hook that runs before every other post-hook and unboxes them.
         """
-        pre = self.register_load_state_dict_pre_hook(_box_state_tensors)  # appended: runs after the user's
+        pre = self.register_load_state_dict_pre_hook(_prepare_loaded_state)  # appended: runs after the user's
         post = self.register_load_state_dict_post_hook(_unbox_state_tensors, prepend=True)  # runs first
         try:
             super().load_state_dict(state_dict)
         finally:
             pre.remove()
             post.remove()
+
+    # The two per-class steps of the load (FAdam8bit overrides both): a saved group as it will be loaded, and one
+    # parameter's saved state as it will be kept. Both raise ValueError before anything of the optimizer changes.
+
+    def _loaded_group(self, saved: dict[str, Any], current: dict[str, Any]) -> dict[str, Any]:
+        """The saved group checked as the constructor checks one; keys it lacks (an older save) keep the current."""
+        group = {**{k: v for k, v in current.items() if k != "params"}, **saved}
+        type(self)._validate_group(group)
+        group["state_dtype"] = _parse_state_dtype(group["state_dtype"])
+        group["betas"] = tuple(float(b) for b in group["betas"])
+        return group
+
+    def _loaded_state(self, param: Tensor, group: dict[str, Any], saved: dict[str, Any], key: Any) -> dict[str, Any]:
+        """One parameter's saved state as FAdam keeps it: ``step`` a float32 tensor, ``exp_avg``/``fisher`` copies in
+        the group's state dtype on the parameter's device, checked against the parameter's shape."""
+        who = f"{type(self).__name__}.load_state_dict"
+        state = dict(saved)
+        if "fisher_sqrt" in state:
+            state = _dequantized_8bit_state(who, state, param, group, key)
+        _require_state_keys(who, state, key, ("step", "exp_avg", "fisher"))
+        if "step" in state:
+            state["step"] = _loaded_step(who, state["step"], param.device, key)
+        state_dtype = resolve_state_dtype(param.dtype, group["state_dtype"])
+        for name in ("exp_avg", "fisher"):
+            if name in state:
+                check_fp_state(who, name, key, state[name], param)
+                state[name] = state[name].to(dtype=state_dtype, device=param.device, copy=True)
+        return state
+
+
+_8BIT_ONLY_KEYS = ("block_size", "min_8bit_size")
+
+
+def _require_state_keys(who: str, state: dict[str, Any], key: Any, names: tuple[str, ...]) -> None:
+    """A parameter's state is empty (not stepped yet) or complete: a partial one would fail inside the next step."""
+    missing = [name for name in names if name not in state]
+    if state and missing:
+        raise ValueError(
+            f"{who}: the state of parameter {key} has {sorted(state)} but lacks {missing}; a saved state holds all "
+            f"of {list(names)} (a truncated or foreign checkpoint?)"
+        )
+
+
+def _loaded_step(who: str, step: Any, device: torch.device, key: Any) -> Tensor:
+    """``step`` as FAdam keeps it: a 0-d float32 tensor on ``device``; older checkpoints saved a Python number."""
+    if isinstance(step, Tensor) and step.numel() == 1 and not step.is_complex():
+        value = step.detach().to(device="cpu", dtype=torch.float64).reshape(())
+    elif _is_real(step):
+        value = torch.tensor(float(step), dtype=torch.float64)
+    else:
+        raise ValueError(f"{who}: state 'step' of parameter {key} is {step!r}; it must be a number or a 1-element tensor")
+    t = float(value)
+    if not (t >= 0 and t == int(t)):
+        raise ValueError(f"{who}: state 'step' of parameter {key} is {t}; it must be a whole number >= 0")
+    return value.to(device=device, dtype=torch.float32)
+
+
+def _dequantized_8bit_state(who: str, state: dict[str, Any], param: Tensor, group: dict[str, Any], key: Any):
+    """A FAdam8bit state (8-bit codes and scales of m and sqrt(f)) as FAdam's fp32 ``exp_avg`` and ``fisher``."""
+    from ._multi_tensor import _is_dtensor
+    from ._quant import dequantize_blockwise
+    from ._state_checks import check_8bit_state
+
+    _require_state_keys(who, state, key, ("step", "exp_avg", "exp_avg_scale", "fisher_sqrt", "fisher_sqrt_scale"))
+    block_size = group.get("block_size")
+    if block_size is None:
+        raise ValueError(
+            f"{who}: parameter {key} has 8-bit state (FAdam8bit) but its saved group has no 'block_size' to decode it"
+        )
+    from .optimizer_8bit import _check_block_size
+
+    _check_block_size(block_size)
+    shard = param.to_local() if _is_dtensor(param) else param  # FAdam8bit keeps a DTensor param's local shard
+    codes = {name: state.pop(name) for name in ("exp_avg", "exp_avg_scale", "fisher_sqrt", "fisher_sqrt_scale")}
+    codes = {name: t.to(device=shard.device) if isinstance(t, Tensor) else t for name, t in codes.items()}
+    check_8bit_state(who, key, shard, codes["exp_avg"], codes["fisher_sqrt"], codes["exp_avg_scale"],
+                     codes["fisher_sqrt_scale"], block_size)  # fmt: skip
+    m = dequantize_blockwise(codes["exp_avg"], codes["exp_avg_scale"], block_size).reshape(shard.shape)
+    s = dequantize_blockwise(codes["fisher_sqrt"], codes["fisher_sqrt_scale"], block_size).reshape(shard.shape)
+    f = s * s
+    if shard is not param:
+        from torch.distributed.tensor import DTensor
+
+        def like_param(t: Tensor) -> Tensor:
+            return DTensor.from_local(t, param.device_mesh, param.placements, run_check=False, shape=param.shape,
+                                      stride=param.stride())  # fmt: skip
+
+        m, f = like_param(m), like_param(f)
+    return {**state, "exp_avg": m, "fisher": f}
 
 
 class _Boxed:
@@ -331,34 +446,36 @@ class _Boxed:
         self.tensor = tensor
 
 
-def _box_state_tensors(optimizer: Optimizer, state_dict: dict[str, Any]) -> dict[str, Any]:
-    """Pre-hook: a new state dict (the caller's is not modified) whose per-param state tensors are boxed."""
-    state = {
-        key: {name: _Boxed(v) if isinstance(v, Tensor) else v for name, v in value.items()}
-        if isinstance(value, dict)
-        else value
-        for key, value in state_dict["state"].items()
-    }
-    return {**state_dict, "state": state}
+def _prepare_loaded_state(optimizer: Optimizer, state_dict: dict[str, Any]) -> dict[str, Any]:
+    """Pre-hook: a new state dict (the caller's is not modified) with checked groups and checked, converted, boxed
+    per-parameter state. A state dict whose groups do not match the optimizer's is passed on as it is: the base class
+    refuses it with its own message."""
+    saved_groups = state_dict["param_groups"]
+    current = optimizer.param_groups
+    if len(saved_groups) != len(current) or any(len(s["params"]) != len(c["params"]) for s, c in zip(saved_groups, current)):
+        return state_dict
+    groups = [optimizer._loaded_group(s, c) for s, c in zip(saved_groups, current)]
+    where = {key: (param, g) for s, c, g in zip(saved_groups, current, groups) for key, param in zip(s["params"], c["params"])}
+    state = {}
+    for key, value in state_dict["state"].items():
+        if key in where and isinstance(value, dict):
+            param, group = where[key]
+            value = optimizer._loaded_state(param, group, value, key)
+            value = {name: _Boxed(v) if isinstance(v, Tensor) else v for name, v in value.items()}
+        state[key] = value
+    # A FAdam8bit state dict loaded into FAdam: its 8-bit settings (used above to decode its state) mean nothing here.
+    groups = [{k: v for k, v in g.items() if k not in _8BIT_ONLY_KEYS or k in c} for g, c in zip(groups, current)]
+    return {**state_dict, "param_groups": [{**g, "params": s["params"]} for s, g in zip(saved_groups, groups)],
+            "state": state}  # fmt: skip
 
 
 def _unbox_state_tensors(optimizer: Optimizer) -> None:
-    """Post-hook: turn the boxes into copies in the state dtype (``step``: float32) on each parameter's device."""
-    param_group = {id(p): g for g in optimizer.param_groups for p in g["params"]}
-    for key, value in optimizer.state.items():
-        if not isinstance(value, dict):
-            continue
-        group = param_group.get(id(key)) if isinstance(key, Tensor) else None
-        for name, item in value.items():
-            if not isinstance(item, _Boxed):
-                continue
-            if group is None:  # state not assigned to a parameter: kept as it was saved, like the base class does
-                value[name] = item.tensor
-            elif name == "step":
-                value[name] = item.tensor.to(dtype=torch.float32, device=key.device, copy=True)
-            else:
-                state_dtype = resolve_state_dtype(key.dtype, group["state_dtype"])
-                value[name] = item.tensor.to(dtype=state_dtype, device=key.device, copy=True)
+    """Post-hook: the checked, converted state tensors out of their boxes."""
+    for value in optimizer.state.values():
+        if isinstance(value, dict):
+            for name, item in value.items():
+                if isinstance(item, _Boxed):
+                    value[name] = item.tensor
 
 
 def _is_real(value: Any) -> bool:

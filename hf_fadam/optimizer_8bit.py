@@ -3,17 +3,17 @@ r"""``FAdam8bit``: FAdam with its two states stored in 8 bits, blockwise quantiz
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
-from itertools import chain
 from typing import Any
 
 import torch
 from torch import Tensor
-from torch.optim.optimizer import Optimizer
 
+from ._fsdp1 import refuse_fsdp1_flat
 from ._multi_tensor import _is_dtensor
 from ._quant import num_blocks, quantize_blockwise
 from ._quant_step import _triton_backend_on_cpu, fadam8bit, resolve_implementation_8bit
-from .optimizer import FAdam
+from ._state_checks import check_8bit_state, check_fp_state
+from .optimizer import FAdam, _loaded_step, _require_state_keys
 
 
 __all__ = ["FAdam8bit"]
@@ -48,6 +48,8 @@ class FAdam8bit(FAdam):
         block_size (int, default 256): elements per quantization block, a power of two in [32, 4096]. Smaller
             blocks follow the local magnitude more closely and cost 8 / block_size bytes per parameter of scales.
         min_8bit_size (int, default 4096): tensors with fewer elements keep fp32 state.
+        allow_flat_shards (bool, default False): as :class:`hf_fadam.FAdam`: accept FSDP1 flat parameters or shard
+            views (per-shard RMS); without it they raise ``RuntimeError``.
 
     State per parameter: ``step`` (0-d float32); for quantized tensors ``exp_avg`` (int8, the param's shape),
     ``exp_avg_scale`` (float32, ``(num_blocks,)``), ``fisher_sqrt`` (uint8) and ``fisher_sqrt_scale`` (float32);
@@ -76,13 +78,14 @@ class FAdam8bit(FAdam):
         fused: bool | None = None,
         block_size: int = 256,
         min_8bit_size: int = 4096,
+        allow_flat_shards: bool = False,
     ) -> None:
         _check_block_size(block_size)
         _check_min_size(min_8bit_size)
         self._init_8bit = dict(block_size=block_size, min_8bit_size=min_8bit_size)
         super().__init__(
             params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, clip=clip, p=p, maximize=maximize,
-            foreach=foreach, fused=fused,
+            foreach=foreach, fused=fused, allow_flat_shards=allow_flat_shards,
         )  # fmt: skip
         self.defaults.update(self._init_8bit)
         for group in self.param_groups:
@@ -126,6 +129,7 @@ class FAdam8bit(FAdam):
                 local, grad = param.to_local(), grad.to_local()
             state = self.state[param]
             if len(state) == 0:
+                refuse_fsdp1_flat(self, param)  # wrapped by FSDP1 after this optimizer was built
                 dev = local.device
                 state["step"] = torch.zeros((), dtype=torch.float32, device=dev)
                 if self._quantized(param, group):  # decided on the logical size: the same on every rank
@@ -234,76 +238,65 @@ class FAdam8bit(FAdam):
         return "; ".join(f"group {i}: {answer}" for i, answer in answers.items())
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Load state keeping every tensor's dtype: codes stay int8/uint8, scales and fp32 state float32.
+        """Load state keeping every tensor's dtype: codes stay int8/uint8, scales and fp32 state float32; check it.
 
         The tensors are copied onto the parameter's device. A state from :class:`FAdam` (fp32 ``exp_avg`` and
         ``fisher``) is quantized for the tensors that this optimizer keeps in 8 bits, with this optimizer's
         ``block_size`` and ``min_8bit_size`` (a FAdam8bit state dict brings its own, as torch restores every
-        hyperparameter). A block_size that does not match the saved scales raises ``ValueError``. Under FSDP2/TP the
-        state is each rank's shard: load each rank's own save, with the same world size; a FAdam state dict's
-        DTensor state must be placed like its parameter.
+        hyperparameter). Nothing reaches the kernels unchecked: every code and scale tensor must have the dtype and
+        element count its parameter and ``block_size`` need (``ValueError`` naming the entry otherwise; a
+        block_size that does not match the saved scales is one). ``step`` comes back as a float32 tensor, also from
+        an older checkpoint that saved a Python number. Under FSDP2/TP the state is each rank's shard: load each
+        rank's own save, with the same world size; a FAdam state dict's DTensor state must be placed like its
+        parameter.
+
+        torch's hook contract holds as for :meth:`FAdam.load_state_dict`: pre-hooks see (and may edit) the whole
+        ``state_dict`` before it is loaded; post-hooks run once ``self.state`` holds the loaded state.
         """
-        saved_state = state_dict["state"]
-        # A group saved without the 8-bit settings (a FAdam state dict) keeps this optimizer's: otherwise torch's
-        # load would replace the group and __setstate__ fill in the defaults, silently changing them.
-        groups = [
-            {**{k: cur[k] for k in _EIGHT_BIT_KEYS if k in cur}, **saved}
-            for saved, cur in zip(state_dict["param_groups"], self.param_groups)
-        ] + list(state_dict["param_groups"][len(self.param_groups) :])  # extra groups: torch's load refuses them
-        for g in groups:
-            _check_8bit_settings(g)
-        state_dict = {**state_dict, "param_groups": groups}
-        Optimizer.load_state_dict(self, {**state_dict, "state": {}})
-        saved_ids = chain.from_iterable(g["params"] for g in state_dict["param_groups"])
-        params = chain.from_iterable(g["params"] for g in self.param_groups)
-        id_to_param = dict(zip(saved_ids, params))
-        param_to_group = {id(p): g for g in self.param_groups for p in g["params"]}
-        for key, value in saved_state.items():
-            param = id_to_param.get(key)
-            if param is None:
-                self.state[key] = value
-                continue
-            group = param_to_group[id(param)]
-            dev = param.device
-            restored = {name: t.to(device=dev, copy=True) if isinstance(t, Tensor) else t for name, t in value.items()}
-            if "step" in restored and isinstance(restored["step"], Tensor):
-                restored["step"] = restored["step"].to(torch.float32)
-            # a DTensor parameter (FSDP2/TP) keeps its state as plain tensors of its local shard
-            shard = param.to_local() if _is_dtensor(param) else param
-            where = " (this rank's shard)" if shard is not param else ""
-            if "fisher_sqrt" in restored:
-                nb = num_blocks(shard.numel(), group["block_size"])
-                for name in ("exp_avg", "fisher_sqrt"):
-                    if restored[name].numel() != shard.numel():
-                        raise ValueError(
-                            f"FAdam8bit.load_state_dict: state {name!r} has {restored[name].numel()} codes for a "
-                            f"parameter of {shard.numel()} elements{where}"
-                        )
-                for name in ("exp_avg_scale", "fisher_sqrt_scale"):
-                    if restored[name].numel() != nb:
-                        raise ValueError(
-                            f"FAdam8bit.load_state_dict: state {name!r} has {restored[name].numel()} scales, but "
-                            f"block_size={group['block_size']} needs {nb} for {shard.numel()} elements{where}; load "
-                            "it with the block_size it was saved with"
-                        )
-            elif "fisher" in restored:
-                m = _local_state(restored["exp_avg"], param, "exp_avg").to(torch.float32)
-                f = _local_state(restored["fisher"], param, "fisher").to(torch.float32)
-                if m.shape != shard.shape or f.shape != shard.shape:
-                    raise ValueError(
-                        f"FAdam8bit.load_state_dict: fp32 state of shape {tuple(m.shape)}/{tuple(f.shape)} for a "
-                        f"parameter of shape {tuple(shard.shape)}{where}"
-                    )
-                if self._quantized(param, group):
-                    bs = group["block_size"]
-                    restored["exp_avg"], restored["exp_avg_scale"] = quantize_blockwise(m, bs, signed=True)
-                    del restored["fisher"]
-                    restored["fisher_sqrt"], restored["fisher_sqrt_scale"] = quantize_blockwise(f.sqrt(), bs, False)
-                else:
-                    restored["exp_avg"], restored["fisher"] = m, f
-            self.state[param] = restored
+        super().load_state_dict(state_dict)
+
+    def _loaded_group(self, saved: dict[str, Any], current: dict[str, Any]) -> dict[str, Any]:
+        # A group saved without the 8-bit settings (a FAdam state dict) keeps this optimizer's (the base merge).
+        group = super()._loaded_group(saved, current)
+        _check_8bit_settings(group)
+        return group
+
+    def _loaded_state(self, param: Tensor, group: dict[str, Any], saved: dict[str, Any], key: Any) -> dict[str, Any]:
+        who = "FAdam8bit.load_state_dict"
+        shard = param.to_local() if _is_dtensor(param) else param  # a DTensor param keeps its local shard's state
+        dev = shard.device
+        state = dict(saved)
+        if "step" in state:
+            state["step"] = _loaded_step(who, state["step"], dev, key)
+        if "fisher_sqrt" in state:
+            _require_state_keys(who, state, key, _QUANT_KEYS)
+            for name in _QUANT_KEYS[1:]:
+                t = state[name]
+                if isinstance(t, Tensor):
+                    state[name] = t.to(device=dev, memory_format=torch.contiguous_format, copy=True)
+            check_8bit_state(who, key, shard, state["exp_avg"], state["fisher_sqrt"], state["exp_avg_scale"],
+                             state["fisher_sqrt_scale"], group["block_size"])  # fmt: skip
+        elif "fisher" in state:
+            _require_state_keys(who, state, key, ("step", "exp_avg", "fisher"))
+            for name in ("exp_avg", "fisher"):  # a DTensor state (FAdam's) is checked against the DTensor param
+                check_fp_state(who, name, key, state[name], param if _is_dtensor(state[name]) else shard)
+            m = _local_state(state["exp_avg"], param, "exp_avg").to(device=dev, dtype=torch.float32, copy=True)
+            f = _local_state(state["fisher"], param, "fisher").to(device=dev, dtype=torch.float32, copy=True)
+            if self._quantized(param, group):
+                bs = group["block_size"]
+                del state["fisher"]
+                state["exp_avg"], state["exp_avg_scale"] = quantize_blockwise(m, bs, signed=True)
+                state["fisher_sqrt"], state["fisher_sqrt_scale"] = quantize_blockwise(f.sqrt(), bs, signed=False)
+            else:
+                state["exp_avg"], state["fisher"] = m.contiguous(), f.contiguous()
+            check_8bit_state(who, key, shard, state["exp_avg"], state.get("fisher_sqrt", state.get("fisher")),
+                             state.get("exp_avg_scale"), state.get("fisher_sqrt_scale"), group["block_size"])  # fmt: skip
+        else:
+            _require_state_keys(who, state, key, ("step", "exp_avg", "fisher_sqrt"))
+        return state
 
 
+_QUANT_KEYS = ("step", "exp_avg", "exp_avg_scale", "fisher_sqrt", "fisher_sqrt_scale")
 _EIGHT_BIT_KEYS = ("block_size", "min_8bit_size")
 
 

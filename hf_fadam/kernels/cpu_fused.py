@@ -198,9 +198,10 @@ def fadam_cpu_(
     fast = (
         (pdt, sdt) in _KERNELS
         and all(t.is_cpu and t.dtype == pdt and t.is_contiguous() for t in params)
-        and all(t.dtype == pdt and t.is_contiguous() for t in grads)
-        and all(t.dtype == sdt and t.is_contiguous() for t in exp_avgs)
-        and all(t.dtype == sdt and t.is_contiguous() for t in fishers)
+        and all(t.is_cpu and t.dtype == pdt and t.is_contiguous() for t in grads)
+        and all(t.is_cpu and t.dtype == sdt and t.is_contiguous() for t in exp_avgs)
+        and all(t.is_cpu and t.dtype == sdt and t.is_contiguous() for t in fishers)
+        and all(a.numel() == b.numel() == c.numel() == d.numel() for a, b, c, d in zip(*lists))
     )
     if fast:
         launches = [_Launch(_KERNELS[(pdt, sdt)], None, lists, range(n))]
@@ -209,8 +210,11 @@ def fadam_cpu_(
         by_kernel: dict[str, list[int]] = {}
         work = [list(lst) for lst in lists]
         for i, (prm, grd, m, f) in enumerate(zip(*lists)):
-            if not prm.is_cpu:
-                raise ValueError(f"fadam_cpu_: params[{i}] is on {prm.device}; this kernel steps CPU tensors only")
+            if not (prm.is_cpu and grd.is_cpu and m.is_cpu and f.is_cpu):
+                raise ValueError(
+                    f"fadam_cpu_: params[{i}] and its grad and state must be CPU tensors; got {prm.device}, "
+                    f"{grd.device}, {m.device}, {f.device}"
+                )
             suffix = _KERNELS.get((prm.dtype, f.dtype))
             if suffix is None or grd.dtype != prm.dtype or m.dtype != f.dtype:
                 raise TypeError(
@@ -218,6 +222,12 @@ def fadam_cpu_(
                     f"{m.dtype}, fisher {f.dtype} (supported: params and state of "
                     f"{', '.join(str(d) for d in _DTYPE_SUFFIX)}, grad dtype = param dtype, exp_avg dtype = "
                     "fisher dtype)"
+                )
+            if not prm.numel() == grd.numel() == m.numel() == f.numel():
+                # the kernel reads and writes all four through raw pointers over the param's elements
+                raise ValueError(
+                    f"fadam_cpu_: element counts differ at index {i}: param {prm.numel()}, grad {grd.numel()}, "
+                    f"exp_avg {m.numel()}, fisher {f.numel()}"
                 )
             if prm.numel() > 0 and not _same_dense_layout((prm, grd, m, f)):
                 for lst, t in zip(work, (prm, grd, m, f)):

@@ -20,6 +20,7 @@ from torch import Tensor
 
 from .._math import fisher_beta
 from .._quant import sr_seeds
+from .._state_checks import check_8bit_state
 from . import _cpu_build
 
 
@@ -182,12 +183,13 @@ def fadam8bit_cpu_(
     if pdt not in _KERNELS:
         raise TypeError(f"fadam8bit_cpu_: param dtype {pdt} is not supported (float32, bfloat16, float16)")
     for i, (prm, grd, m, f, ms, fs) in enumerate(zip(params, grads, exp_avgs, fishers, exp_avg_scales, fisher_scales)):
-        if prm.dtype != pdt or grd.dtype != pdt or not prm.is_cpu:
-            raise TypeError(f"fadam8bit_cpu_: params[{i}]/grads[{i}] must be CPU {pdt}; got {prm.dtype}/{grd.dtype}")
-        quant = fs is not None
-        want = (torch.int8, torch.uint8) if quant else (torch.float32, torch.float32)
-        if (m.dtype, f.dtype) != want or (quant and (ms is None or ms.dtype != torch.float32)):
-            raise TypeError(f"fadam8bit_cpu_: state dtypes at index {i}: exp_avg {m.dtype}, fisher {f.dtype}")
+        if prm.dtype != pdt or grd.dtype != pdt or not prm.is_cpu or grd.shape != prm.shape or not grd.is_cpu:
+            raise TypeError(
+                f"fadam8bit_cpu_: params[{i}]/grads[{i}] must be CPU {pdt} of one shape; got {prm.dtype} "
+                f"{tuple(prm.shape)} on {prm.device} / {grd.dtype} {tuple(grd.shape)} on {grd.device}"
+            )
+        # the kernel writes codes and scales through raw pointers: nothing reaches it unchecked
+        check_8bit_state("fadam8bit_cpu_", i, prm, m, f, ms, fs, block_size)
     lib = _get_lib()
     lists = [params, grads, exp_avgs, fishers]
     work = [list(lst) for lst in lists]

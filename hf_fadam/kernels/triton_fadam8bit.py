@@ -25,6 +25,7 @@ from torch import Tensor
 
 from .._math import fisher_beta
 from .._quant import sr_seeds
+from .._state_checks import check_8bit_state
 
 
 __all__ = ["fadam8bit_triton_", "is_available"]
@@ -279,8 +280,15 @@ def fadam8bit_triton_(
     work = [list(lst) for lst in (params, grads, exp_avgs, fishers)]
     copies = []
     for i in range(n):
-        if params[i].dtype != pdt or grads[i].dtype != pdt:
-            raise TypeError(f"fadam8bit_triton_: params[{i}]/grads[{i}] must all be {pdt}")
+        prm, grd = params[i], grads[i]
+        if prm.dtype != pdt or grd.dtype != pdt or prm.device != device or grd.device != device or grd.shape != prm.shape:
+            raise TypeError(
+                f"fadam8bit_triton_: params[{i}]/grads[{i}] must be {pdt} on {device} of one shape; got {prm.dtype} "
+                f"{tuple(prm.shape)} on {prm.device} / {grd.dtype} {tuple(grd.shape)} on {grd.device}"
+            )
+        # the kernel writes codes and scales through raw addresses: nothing reaches it unchecked
+        check_8bit_state("fadam8bit_triton_", i, prm, exp_avgs[i], fishers[i], exp_avg_scales[i], fisher_scales[i],
+                         block_size)  # fmt: skip
         for k, lst in enumerate(work):
             if not lst[i].is_contiguous():
                 c = lst[i].contiguous()
