@@ -301,9 +301,9 @@ _ENGINE_ENV = ("ACCELERATE_USE_DEEPSPEED", "ACCELERATE_USE_FSDP", "FSDP_VERSION"
 
 
 def _fake_fsdp1_model() -> torch.nn.Module:
-    """A module tree containing an FSDP1 wrapper. FSDP1 needs an accelerator device (torch 2.13 raises "FSDP needs
-    a non-CPU accelerator device" on CPU), so the wrapper is created without running its __init__: the guard only
-    asks whether the model contains a ``FullyShardedDataParallel`` module."""
+    """A module tree containing an FSDP1 wrapper, created without running its __init__ (which needs an initialized
+    process group, and on CPU ``device_id=torch.device("cpu")``): the guard only asks whether the model contains a
+    ``FullyShardedDataParallel`` module. Real FSDP1 runs (gloo, CPU) are in ``tests/test_fsdp1.py``."""
     from torch.distributed.fsdp import FullyShardedDataParallel
 
     wrapper = FullyShardedDataParallel.__new__(FullyShardedDataParallel)
@@ -380,7 +380,7 @@ def test_trainer_guard_opt_in(fadam_trainer, case, tmp_path, monkeypatch, caplog
     with caplog.at_level(logging.WARNING, logger="hf_fadam"):
         cls, kwargs = Trainer.get_optimizer_cls_and_kwargs(args, model)
     assert cls.__name__ == "FAdam"
-    assert "allow_flat_shards" not in kwargs
+    assert kwargs["allow_flat_shards"] is True  # passed on: FAdam itself refuses FSDP1 without it
     assert any("allow_flat_shards" in r.getMessage() for r in caplog.records), caplog.text
 
 

@@ -360,7 +360,7 @@ def test_flat_shard_guard(tmp_path, monkeypatch, overrides, env, refused):
         hft.fadam_kwargs(args)
     args.optim_args = "allow_flat_shards=true,clip=2"
     kwargs = hft.fadam_kwargs(args)
-    assert kwargs["clip"] == 2.0 and "allow_flat_shards" not in kwargs
+    assert kwargs["clip"] == 2.0 and kwargs["allow_flat_shards"] is True  # passed on to FAdam
 
 
 def test_post_import_hook_runs_after_the_module_and_leaves_no_trace(tmp_path, monkeypatch):

@@ -23,7 +23,8 @@ releases). :func:`register` patches both places at run time, plus the model card
 DeepSpeed hands the optimizer flat partitions that mix and cut many tensors; the handler has
 :mod:`hf_fadam.integrations.deepspeed` map them back to parameters, so ZeRO 1-3 runs are exact. FSDP1 (flat or 1-D
 shards) and DeepSpeed with the optimizer state on NVMe break FAdam's per-tensor RMS; the handler refuses them unless
-``optim_args`` has ``allow_flat_shards=true``. FSDP2 and DDP keep whole logical tensors and are fine.
+``optim_args`` has ``allow_flat_shards=true``, which it also passes to the optimizer (FAdam itself refuses FSDP1
+parameters without it). FSDP2 and DDP keep whole logical tensors and are fine.
 
 Registration must happen before the script builds its ``HfArgumentParser``. The ``hf_fadam_autoload.pth`` installed
 with the package does that for any script (see :mod:`hf_fadam.integrations.autoload`); ``python -m hf_fadam.run`` and
@@ -115,6 +116,8 @@ OPTIM_ARGS: dict[str, Callable[[str, str], Any]] = {
     "foreach": _to_optional_bool,
     "fused": _to_optional_bool,
     "maximize": _to_bool,
+    # Also read by the handler's guard (FSDP1, DeepSpeed NVMe offload); FAdam itself refuses FSDP1 params without it.
+    "allow_flat_shards": _to_bool,
 }
 
 
@@ -127,8 +130,6 @@ def _to_int(key: str, value: str) -> int:
 
 #: The extra ``optim_args`` keys of ``--optim fadam_8bit`` (passed to :class:`hf_fadam.FAdam8bit`).
 OPTIM_ARGS_8BIT: dict[str, Callable[[str, str], Any]] = {"block_size": _to_int, "min_8bit_size": _to_int}
-#: ``optim_args`` keys read by the handler itself and not passed on.
-_HANDLER_ARGS: dict[str, Callable[[str, str], Any]] = {"allow_flat_shards": _to_bool}
 #: Keys that FAdam has but that come from TrainingArguments fields: say which flag to use instead.
 _FROM_TRAINING_ARGS = {
     "lr": "--learning_rate",
@@ -149,12 +150,12 @@ def parse_optim_args(
 
     The grammar is the Trainer's (comma-separated ``key=value`` pairs; spaces are ignored), but where the Trainer
     silently drops keys that an optimizer does not use, this raises ``ValueError`` naming any unknown key, malformed
-    pair or unconvertible value. The handler-only key ``allow_flat_shards`` is returned too.
+    pair or unconvertible value.
     """
     parsed: dict[str, Any] = {}
     if not optim_args:
         return parsed
-    valid = {**OPTIM_ARGS, **_HANDLER_ARGS, **(extra or {})}
+    valid = {**OPTIM_ARGS, **(extra or {})}
     for pair in optim_args.replace(" ", "").split(","):
         key, sep, value = pair.partition("=")
         if not sep or not key or not value or "=" in value:
@@ -276,10 +277,10 @@ def fadam_kwargs(
     """The keyword arguments of :class:`hf_fadam.FAdam` for ``args`` (a ``TrainingArguments``).
 
     Raises ``ValueError`` for a bad ``optim_args`` and for FSDP1 (or DeepSpeed NVMe-offload) runs without
-    ``allow_flat_shards=true``.
+    ``allow_flat_shards=true``. ``allow_flat_shards=true`` is passed on: FAdam refuses FSDP1 parameters without it.
     """
     options = parse_optim_args(getattr(args, "optim_args", None), extra)
-    allow_flat_shards = options.pop("allow_flat_shards", False)
+    allow_flat_shards = options.get("allow_flat_shards", False)
     problem = flat_shard_problem(args, model)
     if problem is not None:
         if not allow_flat_shards:
@@ -431,7 +432,11 @@ def is_fadam_8bit(optim: Any) -> bool:
 def fadam_8bit_kwargs(args: Any, model: Any = None) -> dict[str, Any]:
     """The keyword arguments of :class:`hf_fadam.FAdam8bit`: FAdam's (:func:`fadam_kwargs`) plus ``block_size`` and
     ``min_8bit_size`` from ``optim_args``. DeepSpeed and FSDP runs are refused (FAdam8bit steps whole tensors)."""
-    if _is_deepspeed_run(args) or getattr(args, "fsdp", None) or _truthy_env("ACCELERATE_USE_FSDP"):
+    if _is_deepspeed_run(args):
+        from hf_fadam.integrations.deepspeed import fadam8bit_refusal
+
+        raise ValueError(f"--optim fadam_8bit refuses this run: {fadam8bit_refusal()}")
+    if getattr(args, "fsdp", None) or _truthy_env("ACCELERATE_USE_FSDP"):
         raise ValueError(
             "--optim fadam_8bit supports single-process and DDP runs; under DeepSpeed or FSDP use --optim fadam"
         )

@@ -14,8 +14,8 @@ through accelerate's FSDP2 path (checkpoints through DCP) and writes ``fsdp2_fin
 (full weights gathered from the shards) and ``fsdp2_rank{r}.json`` (what ``FAdam.step`` received). The test
 compares them with the one-process run.
 
-FSDP1 is not run: torch 2.13 refuses it on CPU ("FSDP needs a non-CPU accelerator device"), and so does
-accelerate's FSDP1 plugin; ``tests/test_distributed.py`` tests its guard in-process.
+FSDP1 is not run through the Trainer: its handler refuses it (``tests/test_distributed.py`` tests that guard
+in-process), and FAdam refuses FSDP1 parameters itself (``tests/test_fsdp1.py``, real FSDP1 on gloo).
 """
 
 from __future__ import annotations
