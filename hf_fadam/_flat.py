@@ -38,7 +38,7 @@ from torch import Tensor
 from ._math import resolve_state_dtype
 
 
-__all__ = ["FlatLayout", "flat_fadam_group", "get_layout", "init_state", "set_layout"]
+__all__ = ["FlatLayout", "flat_fadam_group", "get_layout", "init_state", "loaded_step", "set_layout"]
 
 
 @dataclass(frozen=True)
@@ -156,6 +156,24 @@ def init_state(state: dict[Tensor, dict[str, Any]], group: dict[str, Any], flat:
         st["exp_avg"] = torch.zeros_like(flat, dtype=state_dtype)
         st["fisher"] = torch.zeros_like(flat, dtype=state_dtype)
     return st
+
+
+def loaded_step(who: str, step: Any, layout: FlatLayout, device: torch.device, key: Any) -> Tensor:
+    """A flat partition's saved ``step`` as it is kept: float32 on ``device``, one count per parameter slot.
+
+    ``FAdam.load_state_dict`` calls it for a parameter with a layout (engines' checkpoints, e.g. DeepSpeed's
+    ``load_checkpoint``); ``ValueError`` naming ``key`` for anything else.
+    """
+    n = layout.num_slots
+    if not (isinstance(step, Tensor) and step.shape == (n,) and not step.is_complex()):
+        raise ValueError(
+            f"{who}: state 'step' of flat partition {key} is {step!r}; it must be a real vector of {n} counts (one "
+            f"per parameter of the group): was the checkpoint written with another parameter grouping?"
+        )
+    value = step.detach().to(device="cpu", dtype=torch.float64)
+    if not bool(((value >= 0) & (value == value.round())).all()):
+        raise ValueError(f"{who}: state 'step' of flat partition {key} is {step!r}; its counts must be whole and >= 0")
+    return value.to(device=device, dtype=torch.float32)
 
 
 def flat_fadam_group(

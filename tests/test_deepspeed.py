@@ -6,9 +6,11 @@
   optimizer offload.
 * ``tests/distributed/deepspeed_checks.py`` (one ``torch.multiprocessing.spawn`` of 2 CPU ranks, gloo):
   ``deepspeed.initialize`` with FAdam for ZeRO 1, 2, 3 equals one process (weights and state), a per-partition
-  FAdam is detectably wrong, and a checkpoint save/load resumes bit-identically; with bf16 params (ZeRO 1 through
-  ``BF16_Optimizer``, ZeRO 2, ZeRO 3) and with the optimizer offloaded to CPU (ZeRO 2, 3) one engine step equals
-  the for-loop replayed on the gathered full fp32 weights, gradients and state.
+  FAdam is detectably wrong, and a checkpoint save/load resumes bit-identically; ZeRO 1 and 2 with
+  ``round_robin_gradients`` (with and without CPU offload) equal one process too; ``FAdam8bit`` as the client
+  optimizer is refused by name (ZeRO 1, 2, 3; one and several params per group) before anything changes; with bf16
+  params (ZeRO 1 through ``BF16_Optimizer``, ZeRO 2, ZeRO 3) and with the optimizer offloaded to CPU (ZeRO 2, 3) one
+  engine step equals the for-loop replayed on the gathered full fp32 weights, gradients and state.
 * ``tests/distributed/deepspeed_trainer.py`` (slow): ``--optim fadam`` with ``--deepspeed`` through the Trainer under
   ``torchrun --nproc_per_node 2``, ZeRO 1, 2, 3, against the one-process Trainer; resume from a checkpoint.
 """
@@ -117,6 +119,22 @@ def test_per_partition_rms_would_be_detected():
     assert worst > 100 * rtol, f"per-partition FAdam is only {worst:.2e} off: the parity test could not catch it"
 
 
+def test_flat_state_dict_round_trip_keeps_the_step_vector():
+    """A flat partition's state loads back (engine checkpoints): ``step`` stays one count per slot, and is checked."""
+    import copy
+
+    flat, opt, *_ = _flat_vs_separate({"foreach": True})
+    saved = copy.deepcopy(opt.state_dict())
+    opt.load_state_dict(saved)
+    assert torch.equal(opt.state[flat]["step"], torch.full((4,), 3.0))
+    assert torch.equal(opt.state[flat]["exp_avg"], saved["state"][0]["exp_avg"])
+    for step, message in ((torch.tensor(3.0), "a real vector of 4 counts"), (torch.full((4,), 2.5), "whole")):
+        bad = copy.deepcopy(saved)
+        bad["state"][0]["step"] = step
+        with pytest.raises(ValueError, match=f"state 'step' of flat partition 0 .*{message}"):
+            opt.load_state_dict(bad)
+
+
 @pytest.mark.parametrize(
     "fields, message",
     [
@@ -190,7 +208,61 @@ def test_handler_maps_deepspeed_and_installs_the_hook(tmp_path, monkeypatch):
     with pytest.raises(ValueError, match="refuses this run: DeepSpeed ZeRO with the optimizer state on NVMe"):
         hft.fadam_kwargs(args)
     args.optim_args = "allow_flat_shards=true"
-    assert "allow_flat_shards" not in hft.fadam_kwargs(args)
+    assert hft.fadam_kwargs(args)["allow_flat_shards"] is True  # passed on to FAdam
+
+
+#: The refusal of FAdam8bit under DeepSpeed ZeRO (hf_fadam.integrations.deepspeed.fadam8bit_refusal): it names the
+#: optimizer, the engine and what to use instead.
+FADAM8BIT_REFUSAL = (
+    r"hf_fadam\.FAdam8bit cannot be the optimizer of a DeepSpeed ZeRO run .*"
+    r"Use hf_fadam\.FAdam \(Trainer: --optim fadam\), whose DeepSpeed ZeRO path is exact"
+)
+
+
+@_has_deepspeed
+def test_handler_refuses_fadam_8bit_under_deepspeed(tmp_path, monkeypatch):
+    """``--optim fadam_8bit`` with ``--deepspeed`` (any stage, or accelerate's env) gets the same named refusal."""
+    import types
+
+    pytest.importorskip("transformers")
+    from hf_fadam.integrations import transformers as hft
+
+    monkeypatch.delenv("ACCELERATE_USE_DEEPSPEED", raising=False)
+    for stage in (1, 2, 3):
+        args = _handler_args(tmp_path, {"zero_optimization": {"stage": stage}})
+        with pytest.raises(ValueError, match="--optim fadam_8bit refuses this run: " + FADAM8BIT_REFUSAL):
+            hft.fadam_8bit_kwargs(args)
+        ctx = types.SimpleNamespace(args=args, model=None, optimizer_kwargs={}, adam_kwargs={})
+        with pytest.raises(ValueError, match=FADAM8BIT_REFUSAL):
+            hft._fadam_8bit_handler(ctx)
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
+    with pytest.raises(ValueError, match=FADAM8BIT_REFUSAL):
+        hft.fadam_8bit_kwargs(_handler_args(tmp_path, None))
+
+
+def test_attach_and_the_hook_refuse_fadam8bit():
+    """``attach`` refuses a DeepSpeed optimizer around FAdam8bit; the hook refuses before DeepSpeed's own __init__."""
+    from hf_fadam import FAdam8bit
+    from hf_fadam.integrations.deepspeed import _attach_after, attach
+
+    param = torch.nn.Parameter(torch.ones(3))
+    opt = FAdam8bit([param])
+    built = []
+
+    class FakeZeroOptimizer:
+        def __init__(self, init_optimizer, *args, **kwargs):
+            built.append(True)
+            self.optimizer = init_optimizer
+
+    with pytest.raises(TypeError, match=FADAM8BIT_REFUSAL):
+        attach(FakeZeroOptimizer(opt))
+    built.clear()
+    FakeZeroOptimizer.__init__ = _attach_after(FakeZeroOptimizer.__init__)
+    with pytest.raises(TypeError, match=FADAM8BIT_REFUSAL):
+        FakeZeroOptimizer(opt, ["param_names"])
+    with pytest.raises(TypeError, match=FADAM8BIT_REFUSAL):
+        FakeZeroOptimizer(init_optimizer=opt)
+    assert not built and len(opt.state) == 0 and torch.equal(param.detach(), torch.ones(3))
 
 
 @_has_deepspeed
@@ -246,6 +318,14 @@ CHECKS = [
     for stage in (1, 2, 3)
     for name in ("equals_single_process", "per_partition_mutant_is_detected", "checkpoint_resume_is_exact")
 ]
+ROUND_ROBIN_CHECKS = [
+    f"zero{stage}_round_robin{offload}_equals_single_process" for stage in (1, 2) for offload in ("", "_offload_cpu")
+] + ["zero2_round_robin_parameter_alignment_equals_single_process"]
+FADAM8BIT_CHECKS = [
+    f"zero{stage}_fadam8bit_{per_group}_param_per_group_is_refused"
+    for stage in (1, 2, 3)
+    for per_group in ("one", "several")
+]
 ORACLE_CHECKS = [
     f"{case}_one_step_equals_for_loop"
     for case in ("zero1_bf16", "zero2_bf16", "zero3_bf16", "zero2_offload_cpu", "zero3_offload_cpu")
@@ -266,7 +346,7 @@ def _spawn_checks(tmp_path_factory, cases: str):
 
 @pytest.fixture(scope="module")
 def initialize_results(tmp_path_factory):
-    return _spawn_checks(tmp_path_factory, "main")
+    return _spawn_checks(tmp_path_factory, "main,round_robin,fadam8bit")
 
 
 @pytest.fixture(scope="module")
@@ -288,6 +368,21 @@ def _assert_check(run, name: str) -> None:
 @_linux_gloo
 @pytest.mark.parametrize("name", CHECKS)
 def test_deepspeed_initialize(initialize_results, name):
+    _assert_check(initialize_results, name)
+
+
+@_has_deepspeed
+@_linux_gloo
+@pytest.mark.parametrize("name", ROUND_ROBIN_CHECKS)
+def test_deepspeed_round_robin_gradients_equals_single_process(initialize_results, name):
+    """ZeRO 1/2 ``round_robin_gradients``: the flat buffer is in round-robin order, not ``_hp_mapping``'s."""
+    _assert_check(initialize_results, name)
+
+
+@_has_deepspeed
+@_linux_gloo
+@pytest.mark.parametrize("name", FADAM8BIT_CHECKS)
+def test_deepspeed_initialize_refuses_fadam8bit(initialize_results, name):
     _assert_check(initialize_results, name)
 
 

@@ -4,6 +4,7 @@ Used by ``tests/test_deepspeed.py`` (one spawn covers every check); also runnabl
 
     python tests/distributed/deepspeed_checks.py OUT [stage ...]
     HF_FADAM_DS_CASES=oracle python tests/distributed/deepspeed_checks.py OUT    # only the one-step oracle cases
+    # sets: main, round_robin, fadam8bit, oracle (comma-separated; all by default)
 
 Each rank writes ``results_rank{r}.json`` (see ``_common.CheckRecorder``). Per ZeRO stage:
 
@@ -15,6 +16,12 @@ Each rank writes ``results_rank{r}.json`` (see ``_common.CheckRecorder``). Per Z
   over each whole partition, the pre-mapping behaviour) misses the reference by far more than the tolerance.
 - ``zero{s}_checkpoint_resume_is_exact``: 2 steps, ``engine.save_checkpoint``, a fresh engine (other init) that
   ``load_checkpoint``s and runs 2 more steps ends bit-identical to the uninterrupted 4 steps.
+- ``zero{1,2}_round_robin[_offload_cpu]_equals_single_process``: ``round_robin_gradients`` (the flat buffer in
+  round-robin parameter order), with and without CPU offload, and with ``parameter_alignment`` padding (ZeRO 2):
+  the module's weights and the state (read at each
+  parameter's place in the flat buffer, not through DeepSpeed's ``_hp_mapping``) equal one process.
+- ``zero{s}_fadam8bit_{one,several}_param_per_group_is_refused``: ``deepspeed.initialize`` around ``FAdam8bit``
+  raises the named ``TypeError`` before DeepSpeed builds its optimizer: no parameter, group or state changed.
 - ``{case}_one_step_equals_for_loop`` for bf16 params (ZeRO 1, which DeepSpeed runs with its ``BF16_Optimizer``;
   ZeRO 2; ZeRO 3) and for the optimizer offloaded to CPU (ZeRO 2, 3): step 2 of the engine equals the for-loop
   replayed on the full fp32 weights, gradients and state gathered just before it (the engines' gradients differ
@@ -93,18 +100,19 @@ def _reference() -> tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Ten
     )
 
 
-def _config(stage: int) -> dict:
+def _config(stage: int, zero_extra: dict | None = None, **extra) -> dict:
     return {
         "train_micro_batch_size_per_gpu": MICRO_BATCH,
         "gradient_accumulation_steps": 1,
         "gradient_clipping": 0.0,  # DeepSpeed's default clip would rescale the gradients
-        "zero_optimization": {"stage": stage},
+        "zero_optimization": {"stage": stage, **(zero_extra or {})},
         "zero_allow_untested_optimizer": True,
         "steps_per_print": 10**9,
+        **extra,
     }
 
 
-def _engine(stage: int, seed_offset: int = 0):
+def _engine(stage: int, seed_offset: int = 0, config: dict | None = None):
     import deepspeed
 
     from hf_fadam import FAdam
@@ -115,7 +123,7 @@ def _engine(stage: int, seed_offset: int = 0):
             for p in model.parameters():
                 p.add_(seed_offset)
     opt = FAdam(_param_groups(model), **HYPER)
-    engine, *_ = deepspeed.initialize(model=model, optimizer=opt, config=_config(stage))
+    engine, *_ = deepspeed.initialize(model=model, optimizer=opt, config=config or _config(stage))
     return engine
 
 
@@ -234,6 +242,131 @@ def check_resume(stage: int, rank: int, ckpt_root: str) -> dict:
     return {f"max_abs_diff_{k}": v for k, v in diffs.items()}
 
 
+def _zero12_full_state(engine) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """ZeRO 1/2: every parameter's full ``exp_avg`` and ``fisher`` (collective), in ``engine.module`` order.
+
+    Independent of both ``param._hp_mapping`` (which DeepSpeed builds in the original parameter order even when
+    ``round_robin_gradients`` reorders the flat buffer) and of hf_fadam's layout: the flat state partitions of all
+    ranks are concatenated into the group's whole flat buffer, and each parameter's slice is read at the offset
+    where DeepSpeed placed its weights (the parameter is a view of the 16-bit flat buffer).
+    """
+    import torch.distributed as dist
+
+    ds = engine.optimizer
+    opt = ds.optimizer
+    found: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+    for i, flat in enumerate(ds.single_partition_of_fp32_groups):
+        group = ds.real_dp_process_group[i]
+        full = {}
+        for key in ("exp_avg", "fisher"):
+            part = opt.state[flat][key]
+            parts = [torch.empty_like(part) for _ in range(dist.get_world_size(group))]
+            dist.all_gather(parts, part.contiguous(), group=group)
+            full[key] = torch.cat(parts)
+        base = ds.bit16_groups_flat[i]
+        for p in ds.bit16_groups[i]:
+            offset = (p.data_ptr() - base.data_ptr()) // p.element_size()
+            found[id(p)] = tuple(
+                full[k].narrow(0, offset, p.numel()).view(p.shape).clone() for k in ("exp_avg", "fisher")
+            )
+    params = list(engine.module.parameters())
+    return [found[id(p)][0] for p in params], [found[id(p)][1] for p in params]
+
+
+#: The sets of checks HF_FADAM_DS_CASES selects (comma-separated; all by default).
+CASE_SETS = ("main", "round_robin", "fadam8bit", "oracle")
+
+# round_robin_gradients cases: (ZeRO stage, CPU offload of the optimizer, parameter_alignment padding)
+ROUND_ROBIN_CASES = {
+    "zero1_round_robin": (1, False, False),
+    "zero2_round_robin": (2, False, False),
+    "zero1_round_robin_offload_cpu": (1, True, False),
+    "zero2_round_robin_offload_cpu": (2, True, False),
+    "zero2_round_robin_parameter_alignment": (2, False, True),
+}
+
+
+def check_round_robin(case: str, rank: int, ref) -> dict:
+    """ZeRO 1/2 with ``round_robin_gradients`` (flat buffer in round-robin order) equals one process.
+
+    Weights: the engine's module parameters (under ZeRO 1/2 every rank holds the whole updated weights; DeepSpeed's
+    ``safe_get_full_fp32_param`` reads through ``_hp_mapping``, which is wrong in this mode); state: see
+    :func:`_zero12_full_state`.
+    """
+    stage, offload, alignment = ROUND_ROBIN_CASES[case]
+    zero_extra: dict = {"round_robin_gradients": True, "parameter_alignment": alignment}
+    extra: dict = {}
+    if offload:
+        zero_extra["offload_optimizer"] = {"device": "cpu"}
+        extra["zero_force_ds_cpu_optimizer"] = False
+    engine = _engine(stage, config=_config(stage, zero_extra, **extra))
+    ds = engine.optimizer
+    reordered = [
+        [id(p) for p in rr] != [id(p) for p in lp] for rr, lp in zip(ds.round_robin_bit16_groups, ds.bit16_groups)
+    ]
+    _train(engine, rank, range(STEPS))
+    weights = [p.detach().clone() for p in engine.module.parameters()]
+    exp_avgs, fishers = _zero12_full_state(engine)
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    ds_weights = [safe_get_full_fp32_param(p).detach().clone() for p in engine.module.parameters()]
+    ref_w, ref_init, ref_m, ref_f = ref
+    err_w = _rel(weights, ref_w, [w - w0 for w, w0 in zip(ref_w, ref_init)])
+    # Not asserted: DeepSpeed's own reader goes through _hp_mapping, wrong in this mode for every optimizer.
+    err_ds = _rel(ds_weights, ref_w, [w - w0 for w, w0 in zip(ref_w, ref_init)])
+    err_m = _rel(exp_avgs, ref_m, ref_m)
+    err_f = _rel(fishers, ref_f, ref_f)
+    assert ds.round_robin_gradients and all(reordered), f"the flat buffers are not reordered: {reordered}"
+    assert ds.cpu_offload == offload, f"cpu_offload={ds.cpu_offload}, expected {offload}"
+    padded = any(any(pads) for pads in ds.round_robin_bit16_padding)
+    assert padded == alignment, f"padding between parameters: {padded}, expected {alignment}"
+    assert err_w < TOL, f"weights differ from one process by {err_w:.2e} of the movement (tolerance {TOL})"
+    assert err_m < TOL and err_f < TOL, f"exp_avg/fisher differ by {err_m:.2e}/{err_f:.2e}"
+    return {
+        "weights_rel_err": err_w,
+        "exp_avg_rel_err": err_m,
+        "fisher_rel_err": err_f,
+        "safe_get_full_fp32_param_rel_err": err_ds,
+    }
+
+
+def check_fadam8bit_refused(stage: int, rank: int, params_per_group: str) -> dict:
+    """``FAdam8bit`` as the client optimizer of ``deepspeed.initialize`` is refused by name, nothing changed.
+
+    ``params_per_group``: "one" (a group per parameter: used to run silently with per-partition RMS) or "several"
+    (the usual decay / no-decay groups: used to crash inside the C kernel).
+    """
+    import deepspeed
+
+    from hf_fadam import FAdam8bit
+    from hf_fadam._flat import get_layout
+
+    model = _model()
+    before = [p.detach().clone() for p in model.parameters()]
+    if params_per_group == "one":
+        groups = [{"params": [p]} for p in model.parameters()]
+    else:
+        groups = _param_groups(model)
+    opt = FAdam8bit(groups, **HYPER, min_8bit_size=32)  # fc1/fc2/fc3.weight in 8 bits, the rest fp32
+    error = None
+    try:
+        deepspeed.initialize(model=model, optimizer=opt, config=_config(stage))
+    except Exception as exc:  # noqa: BLE001 - checked below
+        error = exc
+    changed = [i for i, (p, b) in enumerate(zip(model.parameters(), before)) if not torch.equal(p.detach(), b)]
+    client_params = [p for g in opt.param_groups for p in g["params"]]
+    assert error is not None, "deepspeed.initialize accepted FAdam8bit"
+    message = f"{type(error).__name__}: {error}"
+    for needle in ("FAdam8bit", "DeepSpeed ZeRO", "hf_fadam.FAdam"):
+        assert needle in message, f"the error does not name {needle!r}: {message}"
+    assert isinstance(error, TypeError), message
+    assert not changed, f"parameters {changed} changed"
+    assert len(opt.state) == 0, "FAdam8bit got state"
+    assert all(get_layout(p) is None for p in client_params), "a layout was attached"
+    assert {id(p) for p in client_params} == {id(p) for p in model.parameters()}, "the param groups were replaced"
+    return {"error": message[:200]}
+
+
 # Engine configurations checked by the one-step oracle: (name, extra config, input dtype, DeepSpeed optimizer class).
 ORACLE_CASES = {
     "zero1_bf16": (
@@ -338,7 +471,8 @@ def _worker(rank: int, world_size: int, store_path: str, out_dir: str) -> None:
     recorder = CheckRecorder(rank, out_dir)
     ref = _reference()
     ckpt_root = os.path.join(out_dir, "ckpt")
-    for stage in stages if "main" in os.environ.get("HF_FADAM_DS_CASES", "main,oracle").split(",") else []:
+    cases = os.environ.get("HF_FADAM_DS_CASES", ",".join(CASE_SETS)).split(",")
+    for stage in stages if "main" in cases else []:
         recorder.run(f"zero{stage}_equals_single_process", lambda stage=stage: check_equals(stage, rank, ref))
         recorder.run(
             f"zero{stage}_per_partition_mutant_is_detected", lambda stage=stage: check_mutant(stage, rank, ref)
@@ -346,7 +480,14 @@ def _worker(rank: int, world_size: int, store_path: str, out_dir: str) -> None:
         recorder.run(
             f"zero{stage}_checkpoint_resume_is_exact", lambda stage=stage: check_resume(stage, rank, ckpt_root)
         )
-    cases = os.environ.get("HF_FADAM_DS_CASES", "main,oracle").split(",")
+    for case in [c for c in ROUND_ROBIN_CASES if ROUND_ROBIN_CASES[c][0] in stages and "round_robin" in cases]:
+        recorder.run(f"{case}_equals_single_process", lambda case=case: check_round_robin(case, rank, ref))
+    for stage in stages if "fadam8bit" in cases else []:
+        for per_group in ("one", "several"):
+            recorder.run(
+                f"zero{stage}_fadam8bit_{per_group}_param_per_group_is_refused",
+                lambda stage=stage, per_group=per_group: check_fadam8bit_refused(stage, rank, per_group),
+            )
     for case in [c for c in ORACLE_CASES if int(c[4]) in stages and "oracle" in cases]:
         recorder.run(f"{case}_one_step_equals_for_loop", lambda case=case: check_one_step_oracle(case, rank))
     import torch.distributed as dist
