@@ -229,6 +229,46 @@ def test_only_a_rejected_flag_moves_to_the_next_flag_set(fresh, monkeypatch, pre
     assert _builds(fresh) == builds  # the rejection and the build are both cached
 
 
+def test_cache_key_covers_the_base_and_link_flags(monkeypatch):
+    """The key hashes the whole compile command: a change of BASE_FLAGS or LINK_FLAGS alone (as a release that only
+    retunes them) gives another cache directory; the same inputs give the same one (no compiler is run but --version).
+    """
+    source, cc, flags = cpu_fused._SOURCE, REAL_CC or "cc", list(_cpu_build.FLAG_SETS[0])
+    key = _cpu_build.key_dir_name(source, cc, flags)
+    assert re.fullmatch(r"cpu_kernel-[0-9a-f]{16}", key)
+    assert _cpu_build.key_dir_name(source, cc, list(flags)) == key
+    base = list(_cpu_build.BASE_FLAGS)
+    keys = {key}
+    for changed in (
+        [("-O2" if f == "-O3" else f) for f in base],
+        [*base, "-fno-strict-aliasing"],
+        [f for f in base if f != "-ffp-contract=off"],
+    ):
+        monkeypatch.setattr(_cpu_build, "BASE_FLAGS", changed)
+        keys.add(_cpu_build.key_dir_name(source, cc, flags))
+        assert _cpu_build.key_dir_name(source, cc, flags) in keys  # deterministic under the new flags too
+    assert len(keys) == 4, "a change of the base flags alone kept the key"
+    monkeypatch.setattr(_cpu_build, "BASE_FLAGS", base)
+    assert _cpu_build.key_dir_name(source, cc, flags) == key
+    monkeypatch.setattr(_cpu_build, "LINK_FLAGS", [*getattr(_cpu_build, "LINK_FLAGS", []), "-lpthread"], raising=False)
+    assert _cpu_build.key_dir_name(source, cc, flags) not in keys, "a change of the link flags alone kept the key"
+    monkeypatch.undo()
+    assert _cpu_build.key_dir_name(source, cc, flags) == key
+
+
+def test_changed_base_flags_build_again_instead_of_loading_the_cached_library(fresh, monkeypatch):
+    assert cpu_fused.is_available(), cpu_fused.unavailable_reason()
+    first = cpu_fused.library_path()
+    assert len(_builds(fresh)) == 1
+    monkeypatch.setattr(_cpu_build, "BASE_FLAGS", [*_cpu_build.BASE_FLAGS, "-fno-strict-aliasing"])
+    _new_process(monkeypatch)
+    assert cpu_fused.is_available(), cpu_fused.unavailable_reason()
+    builds = _builds(fresh)
+    assert len(builds) == 2, "the library built with the old base flags was loaded"
+    assert "-fno-strict-aliasing" in builds[1].split() and "-fno-strict-aliasing" not in builds[0].split()
+    assert cpu_fused.library_path().parent != first.parent
+
+
 def test_lazy_library_tries_once_remembers_a_failure_and_caches_the_library(monkeypatch, tmp_path):
     """The holder itself, with a stand-in loader (the build is a stub here: no compiler is run)."""
     source = tmp_path / "kernel.c"

@@ -1,11 +1,13 @@
 """Build, cache and load the C kernels of the CPU fused paths, from private directories only.
 
 A kernel is compiled at first use by the system C compiler (``$CC``, else ``cc``/``gcc``/``clang``) with ``-O3
--march=native -fopenmp`` and loaded with ctypes. The shared library is cached in a directory named by a hash of the
-source, the flags, the compiler's version and the CPU (``cpu_kernel-<key>``), so a changed kernel, compiler or
-machine never loads a stale binary. The library is written to a temporary name and renamed into place, so
-concurrent processes (DDP ranks, test workers) can build at the same time safely. The first build takes about a
-second.
+-march=native -fopenmp`` and loaded with ctypes. The shared library is cached in a directory named by a hash of
+everything that determines the binary (``cpu_kernel-<key>``, see :func:`key_dir_name`): the source, the whole
+compiler command (the compiler's path, the flag set, :data:`BASE_FLAGS` and :data:`LINK_FLAGS`), the compiler's
+``--version``, the environment variables that change what it includes or links, the platform and the CPU. So a
+changed kernel, flag, compiler or machine never loads a stale binary. The library is written to a temporary name
+and renamed into place, so concurrent processes (DDP ranks, test workers) can build at the same time safely. The
+first build takes about a second.
 
 Loading a shared library runs its code (constructors) inside this process, so a library is loaded only from a path
 that nobody else can write:
@@ -41,7 +43,9 @@ import os
 import platform
 import shutil
 import stat
+import struct
 import subprocess
+import sys
 import tempfile
 import threading
 import warnings
@@ -50,7 +54,9 @@ from pathlib import Path
 
 
 __all__ = [
+    "BASE_FLAGS",
     "FLAG_SETS",
+    "LINK_FLAGS",
     "BuildError",
     "LazyLibrary",
     "UnsafePathError",
@@ -61,6 +67,7 @@ __all__ = [
 ]
 
 BASE_FLAGS = ["-O3", "-std=c11", "-fPIC", "-shared", "-ffp-contract=off", "-fno-math-errno", "-fno-trapping-math"]
+LINK_FLAGS = ["-lm"]
 # Tried in order until one compiles and loads: native ISA + OpenMP, portable + OpenMP, then without the OpenMP
 # runtime (the kernel is then single-threaded; -fopenmp-simd still lets the double-precision sums vectorize).
 FLAG_SETS = (
@@ -119,19 +126,41 @@ def _cpu_fingerprint() -> str:
     return text
 
 
+# Read by gcc and clang: where headers (math.h, immintrin.h, omp.h), the compiler's own parts and libraries come from.
+_COMPILER_ENV = ("CPATH", "C_INCLUDE_PATH", "COMPILER_PATH", "GCC_EXEC_PREFIX", "LIBRARY_PATH")
+# The layout of the key's inputs; bump it when they change meaning.
+_KEY_SCHEME = b"hf_fadam cpu kernel key 2"
+
+
+def _command(cc: str, flags: list[str], source: str, out: str) -> list[str]:
+    """The compiler command of a build (the one place it is spelled, for :func:`_compile` and the key)."""
+    return [cc, *flags, *BASE_FLAGS, source, "-o", out, *LINK_FLAGS]
+
+
 def key_dir_name(source: Path, cc: str, flags: list[str]) -> str:
-    """The cache directory name of a build: ``cpu_kernel-`` and a hash of source, flags, compiler version and CPU."""
-    key = hashlib.sha256(
-        b"\0".join(
-            [
-                source.read_bytes(),
-                " ".join(flags).encode(),
-                _compiler_version(cc).encode(),
-                _cpu_fingerprint().encode(),
-            ]
-        )
-    ).hexdigest()[:16]
-    return f"cpu_kernel-{key}"
+    """The cache directory name of a build: ``cpu_kernel-`` and a hash of everything that determines the binary.
+
+    That is the source's bytes (the ABI version is defined in it); the compile command with placeholders for the
+    source and output paths (the compiler's path, the flag set, :data:`BASE_FLAGS`, :data:`LINK_FLAGS`); the
+    compiler's resolved path and ``--version``; the environment variables of :data:`_COMPILER_ENV`; the OS,
+    architecture and pointer width; and the CPU (``-march=native``). The Python version is not part of it: the
+    library uses no Python or torch headers and is loaded through ctypes.
+    """
+    parts = [
+        _KEY_SCHEME,
+        source.read_bytes(),
+        "\0".join(_command(cc, list(flags), "<source>", "<out>")).encode(),
+        os.path.realpath(cc).encode(),
+        _compiler_version(cc).encode(),
+        "\0".join(f"{name}={os.environ.get(name, '')}" for name in _COMPILER_ENV).encode(),
+        f"{sys.platform} {platform.system()} {platform.machine()} {8 * struct.calcsize('P')}-bit".encode(),
+        _cpu_fingerprint().encode(),
+    ]
+    digest = hashlib.sha256()
+    for part in parts:  # length-prefixed: no two different lists of parts hash the same bytes
+        digest.update(len(part).to_bytes(8, "little"))
+        digest.update(part)
+    return f"cpu_kernel-{digest.hexdigest()[:16]}"
 
 
 def _lib_name(source: Path) -> str:
@@ -246,7 +275,7 @@ def _write_private(path: Path, text: str) -> None:
 def _compile(cc: str, flags: list[str], source: Path, out_dir: Path, lib: Path) -> Path:
     fd, tmp = tempfile.mkstemp(prefix=".build-", suffix=".so", dir=out_dir)  # mode 0600
     os.close(fd)
-    cmd = [cc, *flags, *BASE_FLAGS, str(source), "-o", tmp, "-lm"]
+    cmd = _command(cc, flags, str(source), tmp)
     try:
         try:
             proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)

@@ -27,7 +27,8 @@
  * (RMS(g) below ~1e-37: a zero gradient over a zero f code is then 0/0), which is checked too. So pass C takes each
  * block's maxima with plain vectorized max and encodes without NaN checks when the tensor's sums are finite, and
  * falls back to a NaN-propagating max (the block's scale becomes NaN, as in the reference) and NaN-safe encoding
- * otherwise, or when a block's maximum overflowed to inf.
+ * otherwise, or when a block's maximum overflowed to inf, or when its m maximum is subnormal (VMAX / max may then be
+ * inf, and 0 * inf must encode as the reference's 0), in the AVX-512 and the generic loops alike.
  *
  * Cost: decoding is a shift and a multiply per code through float32 subnormals (dn_ok(): AMD x86-64 without DAZ),
  * else a shift, an add and a select; encoding ~7 integer/float ops for m (one float addition rounds both of its
@@ -790,8 +791,10 @@ static inline int simd_applies(const float *fsc, int64_t bs, const tscal *s) {
             amax_s = sn > amax_s ? sn : amax_s;                                                                     \
         }                                                                                                           \
         /* A NaN in m or s implies a non-finite per-tensor sum (see the header), so a block is checked for NaN      \
-           only when s->finite is 0, or when its maxima overflowed */                                               \
-        if (!s->finite || !(amax_m <= 3.4e38f && amax_s <= 3.4e38f)) {                                              \
+           only when s->finite is 0, or when its maxima overflowed. A subnormal m maximum takes the same encoder    \
+           (as in pass_c_simd): VMAX / amax_m may be inf, and an m of 0 must get code 0 (0 * inf is NaN, which      \
+           enc_e3m4_any maps to 0, as the reference does), not enc_e3m4's 127 */                                    \
+        if (!s->finite || !(amax_m <= 3.4e38f && amax_s <= 3.4e38f) || (amax_m > 0.0f && amax_m < FLT_MIN)) {       \
             encode_block_any(mc + blo, fc + blo, mbuf, sbuf, len, ib, seed, &amax_m, &amax_s);                      \
         } else {                                                                                                    \
             const float inv_m = amax_m > 0.0f ? VMAX / amax_m : 0.0f;                                               \
