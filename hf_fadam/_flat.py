@@ -36,6 +36,7 @@ import torch
 from torch import Tensor
 
 from ._math import resolve_state_dtype
+from ._rounding import SIXTEEN_BIT, resolve_param_rounding
 
 
 __all__ = ["FlatLayout", "flat_fadam_group", "get_layout", "init_state", "loaded_step", "set_layout"]
@@ -213,6 +214,14 @@ def flat_fadam_group(
     slot_index = torch.tensor(layout.slots, dtype=torch.long, device=flat.device)
     reduce = _slot_reduce(layout, slot_index)
     step_views = [steps.select(0, s) for s in layout.slots]
+    mode = resolve_param_rounding(group.get("param_rounding", "nearest"), flat.dtype)
+    if mode != "nearest" or st["fisher"].dtype in SIXTEEN_BIT:
+        raise RuntimeError(
+            f"FAdam: an engine hands FAdam a {flat.dtype} flat partition (state {st['fisher'].dtype}); stochastic or "
+            f"Kahan stores (param_rounding={group.get('param_rounding')!r}, or 16-bit state) are not implemented for "
+            "flat partitions. Keep the engine's float32 master weights and float32 optimizer state (DeepSpeed's "
+            "default), or set param_rounding='nearest' and state_dtype=None to accept round-to-nearest."
+        )
     beta1, beta2 = group["betas"]
     hyper = dict(
         lr=group["lr"],

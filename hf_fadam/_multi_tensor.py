@@ -26,6 +26,8 @@ import torch
 from torch import Tensor
 
 from ._math import adaptive_eps, clip_divisor, compute_dtype, fisher_beta, rms_from_sumsq
+from ._rounding import KIND_EXP_AVG, KIND_FISHER, KIND_PARAM, resolve_param_rounding, round_stochastic, rounding_seeds
+from ._single_tensor import _kahan_buffers
 
 
 def _is_dtensor(t: Tensor) -> bool:
@@ -62,10 +64,14 @@ def _multi_tensor_fadam(
     clip: float,
     p: float,
     maximize: bool,
+    param_rounding: str = "nearest",
+    param_comps: Sequence[Tensor | None] | None = None,
+    streams: Sequence[int] | None = None,
 ) -> None:
     hyper = dict(
-        lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay, clip=clip, p=p, maximize=maximize
-    )
+        lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay, clip=clip, p=p, maximize=maximize,
+        param_rounding=param_rounding,
+    )  # fmt: skip
     if any(_is_dtensor(t) for t in params):
         raise TypeError(
             "_multi_tensor_fadam takes plain tensors; DTensor params go through hf_fadam.functional.fadam, which "
@@ -81,10 +87,14 @@ def _multi_tensor_fadam(
             reduce(torch.zeros((1, 0), dtype=torch.float64))
             reduce(torch.zeros((2, 0), dtype=torch.float64))
         return
+    comps = _kahan_buffers(params, [resolve_param_rounding(param_rounding, t.dtype) for t in params], param_comps)
+    streams = list(range(len(params))) if streams is None else list(streams)
     for device in devices:
         idx = [i for i, t in enumerate(params) if t.device == device]
         sub = [[lst[i] for i in idx] for lst in (params, grads, exp_avgs, fishers, state_steps)]
-        _multi_tensor_fadam_device(*sub, numels=[numels[i] for i in idx], reduce=reduce, **hyper)
+        _multi_tensor_fadam_device(*sub, numels=[numels[i] for i in idx], reduce=reduce,
+                                   comps=[comps[i] for i in idx], streams=[streams[i] for i in idx],
+                                   **hyper)  # fmt: skip
 
 
 def _multi_tensor_fadam_device(
@@ -104,6 +114,9 @@ def _multi_tensor_fadam_device(
     clip: float,
     p: float,
     maximize: bool,
+    param_rounding: str,
+    comps: list[Tensor | None],
+    streams: list[int],
 ) -> None:
     """One device's tensors: phase-major over the (param dtype, state dtype) groups."""
     device = params[0].device
@@ -135,7 +148,24 @@ def _multi_tensor_fadam_device(
 
     numels_t = torch.tensor([numels[i] for i in order], dtype=torch.float64, device=device)
     cts = [compute_dtype(fishers[idx[0]].dtype) for idx in groups]
+    modes = [resolve_param_rounding(param_rounding, params[idx[0]].dtype) for idx in groups]
     torch._foreach_add_(steps, 1)
+    random_stores = any(m == "stochastic" for m in modes) or any(
+        fishers[idx[0]].dtype in (torch.bfloat16, torch.float16) for idx in groups
+    )
+    if random_stores:  # the per-tensor seeds of every stochastically rounded store, in group order
+        steps_t = torch.stack([steps[i] for i in order]).reshape(-1)
+        streams_t = torch.tensor([streams[i] for i in order], dtype=torch.int64, device=device)
+        seeds = {k: split(rounding_seeds(streams_t, steps_t, k), torch.int64)
+                 for k in (KIND_PARAM, KIND_EXP_AVG, KIND_FISHER)}  # fmt: skip
+
+    def store(dst: list[Tensor], src: list[Tensor], gi: int, kind: int) -> None:
+        """Copy ``src`` (compute dtype) into ``dst``: 16-bit state (and params rounded "stochastic") stochastically."""
+        if dst[0].dtype in (torch.bfloat16, torch.float16):
+            for d, x, seed in zip(dst, src, seeds[kind][gi]):
+                d.copy_(round_stochastic(x, d.dtype, seed))
+        else:
+            torch._foreach_copy_(dst, src)
 
     # Phase 1: g (after maximize) in the compute dtype, and Σg².
     gs, grad_sums = [], []
@@ -166,7 +196,7 @@ def _multi_tensor_fadam_device(
         torch._foreach_add_(f, grad_sq)
         del grad_sq
         if f is not f_state:
-            torch._foreach_copy_(f_state, f)
+            store(f_state, f, gi, KIND_FISHER)
 
         # D = f^p + ε̂
         denom = torch._foreach_sqrt(f) if p == 0.5 else torch._foreach_pow(f, p)
@@ -177,6 +207,8 @@ def _multi_tensor_fadam_device(
         theta = [params[i] for i in idx]
         if theta[0].dtype != ct:
             theta = [t.to(ct) for t in theta]
+        if modes[gi] == "kahan":  # the step works on θ + c
+            torch._foreach_add_(theta, [comps[i].to(ct) for i in idx])
         if weight_decay != 0:  # θ/D is recomputed in phase 3 rather than kept across the reduction
             decay_sums.append(_sums_of_squares(torch._foreach_div(theta, denom)))
         else:
@@ -197,7 +229,7 @@ def _multi_tensor_fadam_device(
         torch._foreach_mul_(m, beta1)
         torch._foreach_add_(m, nat_grad, alpha=1 - beta1)
         if m is not m_state:
-            torch._foreach_copy_(m_state, m)
+            store(m_state, m, gi, KIND_EXP_AVG)
 
         # u = m + λ clip(θ / D)
         updates = m
@@ -209,8 +241,15 @@ def _multi_tensor_fadam_device(
 
         # θ <- θ - η u
         param = [params[i] for i in idx]
-        if param[0].dtype == ct:  # then theta holds the params themselves
+        if param[0].dtype == ct and modes[gi] == "nearest":  # then theta holds the params themselves
             torch._foreach_add_(param, updates, alpha=-lr)
+        elif modes[gi] == "kahan":
+            theta_new = torch._foreach_add(theta, updates, alpha=-lr)
+            stored = [t.to(param[0].dtype) for t in theta_new]  # to nearest; the residual is kept for next step
+            torch._foreach_copy_([comps[i] for i in idx], torch._foreach_sub(theta_new, [t.to(ct) for t in stored]))
+            torch._foreach_copy_(param, stored)
+        elif modes[gi] == "stochastic":
+            store(param, torch._foreach_add(theta, updates, alpha=-lr), gi, KIND_PARAM)
         else:
             torch._foreach_copy_(param, torch._foreach_add(theta, updates, alpha=-lr))
         # free this group's temporaries before the next group's update

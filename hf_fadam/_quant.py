@@ -102,6 +102,7 @@ from torch import Tensor
 __all__ = [
     "M_FORMAT",
     "F_FORMAT",
+    "F_MAX_S",
     "MiniFloat",
     "num_blocks",
     "quantize_blockwise",
@@ -114,11 +115,19 @@ __all__ = [
 
 
 class MiniFloat:
-    """An unsigned minifloat with ``exp_bits`` exponent and ``man_bits`` mantissa bits (bias ``2**exp_bits - 1``)."""
+    """An unsigned minifloat with ``exp_bits`` exponent and ``man_bits`` mantissa bits (bias ``2**exp_bits - 1``).
 
-    def __init__(self, exp_bits: int, man_bits: int, round_up_subnormal: bool = False) -> None:
+    ``stochastic``: the range that random bits round stochastically, ``"normal"`` (the f map) or ``"subnormal"``
+    (the m map); the other range rounds to nearest (or up, with ``round_up_subnormal``)."""
+
+    def __init__(
+        self, exp_bits: int, man_bits: int, round_up_subnormal: bool = False, stochastic: str = "normal"
+    ) -> None:
+        if stochastic not in ("normal", "subnormal"):
+            raise ValueError(f"MiniFloat: stochastic must be 'normal' or 'subnormal'; got {stochastic!r}")
         self.exp_bits = exp_bits
         self.round_up_subnormal = round_up_subnormal
+        self.stochastic = stochastic
         self.man_bits = man_bits
         self.bias = 2**exp_bits - 1
         self.qmax = 2 ** (exp_bits + man_bits) - 1
@@ -130,8 +139,12 @@ class MiniFloat:
     def encode(self, u: Tensor, random_bits: Tensor | None = None) -> Tensor:
         """Round float32 ``u`` (>= 0, <= vmax up to rounding) to the nearest code (ties to even), as int32.
 
-        With ``random_bits`` (uint32 values in an int64 tensor shaped like ``u``, see :func:`sr_bits`) the normal
-        range rounds stochastically instead: up with probability equal to the discarded fraction of a code step.
+        With ``random_bits`` (uint32 values in an int64 tensor shaped like ``u``, see :func:`sr_bits`) the range
+        named by ``stochastic`` rounds stochastically instead: up with probability equal to the discarded fraction
+        of a code step, truncated to 16 bits. The normal range (the f map): a uniform integer added to the float32
+        bits below the kept mantissa, truncated. The subnormal range (the m map, a uniform grid of step
+        ``2**(1 - bias - man_bits)``): ``(floor(u * 2**16 / step) + (r >> 16)) >> 16``, ``r >> 16`` the 16 random
+        bits as an integer (``u / step`` scaled by a power of two: exact; the floor truncates to 16 fraction bits).
         With ``round_up_subnormal`` (the f map) values below the smallest normal round *up* to the next subnormal
         code: a positive value never becomes 0, so D = sqrt(f) + ε̂ is never underestimated by more than the
         normal range's step (see the module docstring, "zero point").
@@ -139,19 +152,26 @@ class MiniFloat:
         u = u.to(torch.float32)
         shift = 23 - self.man_bits
         bits = u.view(torch.int32)
-        if random_bits is None:
+        sr_normal = random_bits is not None and self.stochastic == "normal"
+        sr_sub = random_bits is not None and self.stochastic == "subnormal"
+        if not sr_normal:
             # Normal range: round the float32 mantissa to man_bits bits (nearest even), then rebias the exponent.
             rounded = (bits + ((1 << (shift - 1)) - 1) + ((bits >> shift) & 1)) >> shift
         else:
             # A uniform integer in [0, 2**shift) added to the bits below the kept mantissa, then truncated.
             rounded = (bits + (random_bits >> (32 - shift)).to(torch.int32)) >> shift
         normal = rounded - ((127 - self.bias) << self.man_bits)
-        # Subnormal range: an exact scaling by a power of two, then round half to even.
+        # Subnormal range: an exact scaling by a power of two, then round half to even (or up, or stochastically).
         y = u * self.sub_mul
-        sub = torch.round(y)
-        if self.round_up_subnormal:
-            sub = sub + (sub < y).to(sub.dtype)  # ceil, written as the kernels write it
-        sub = sub.to(torch.int32)
+        if sr_sub:
+            # (u below the normal range only, so the integer fits: < 2**(16 + man_bits))
+            fixed = (torch.where(u < self.min_normal, u, 0.0) * (self.sub_mul * 65536.0)).to(torch.int32)
+            sub = (fixed + (random_bits >> 16).to(torch.int32)) >> 16
+        else:
+            sub = torch.round(y)
+            if self.round_up_subnormal:
+                sub = sub + (sub < y).to(sub.dtype)  # ceil, written as the kernels write it
+            sub = sub.to(torch.int32)
         q = torch.where(u < self.min_normal, sub, normal)
         return q.clamp(0, self.qmax)
 
@@ -170,10 +190,18 @@ class MiniFloat:
         return self.decode(torch.arange(self.qmax + 1, dtype=torch.int32))
 
 
-#: The map of m: sign + E3M4 magnitude (int8 codes in [-127, 127]).
-M_FORMAT = MiniFloat(3, 4)
-#: The map of f: E4M4 of sqrt(f) (uint8 codes in [0, 255]); subnormals round up (no zero point).
-F_FORMAT = MiniFloat(4, 4, round_up_subnormal=True)
+#: The map of m: sign + E3M4 magnitude (int8 codes in [-127, 127]); with random bits its subnormal range rounds
+#: stochastically (so that an m whose gradient stopped decays to 0), the normal range to nearest.
+M_FORMAT = MiniFloat(3, 4, stochastic="subnormal")
+#: The map of f: E4M4 of sqrt(f) (uint8 codes in [0, 255]); with random bits its normal range rounds stochastically;
+#: subnormals round up (no zero point).
+F_FORMAT = MiniFloat(4, 4, round_up_subnormal=True, stochastic="normal")
+#: The largest scale·VMAX (block maximum) of the f map: 2**63, so that s² (≤ 2**126 · (1 + 2**-22)) stays finite.
+#: A block whose largest s is beyond it (a gradient above ~1.8e19 = sqrt(FLT_MAX), whose square overflows float32
+#: to inf, or s > 2**63) stores that element as code 255 = 2**63: its next f ≈ 2**126 makes D ≈ 9e18 and its
+#: update ≈ 0, as fp32 FAdam's f = inf, D = inf makes it 0. Without the clamp the block's scale became inf, every
+#: code of the block decoded to 0·inf = NaN at the next step, and the NaN spread to the whole tensor.
+F_MAX_S = 2.0**63
 
 
 _M32 = 0xFFFFFFFF
@@ -239,19 +267,23 @@ def quantize_blockwise(
 ) -> tuple[Tensor, Tensor]:
     """Quantize float32 ``x`` blockwise: ``(codes, scales)``.
 
-    ``seed`` (see :func:`sr_seeds`): round the normal range stochastically with :func:`sr_bits` of this seed
-    (FAdam8bit does so for f); None: round to nearest even.
+    ``seed``: round the map's stochastic range (:class:`MiniFloat`) with :func:`sr_bits` of this seed: the normal
+    range of the f map (FAdam8bit: :func:`sr_seeds`), the subnormal range of the m map (FAdam8bit: m's own seed,
+    ``hf_fadam._rounding.rounding_seeds(streams, steps, KIND_EXP_AVG)``); None: round to nearest even.
 
     ``signed=True`` (the m map): int8 codes, sign and E3M4 magnitude. ``signed=False`` (the f map, applied to
     ``x = sqrt(f)``): uint8 E4M4 codes. Codes have ``x``'s shape; scales are float32 ``(num_blocks,)`` with
-    ``scale = absmax / VMAX``. The scale's reciprocal ``VMAX / absmax`` is computed in float32 and multiplied in,
-    exactly as the kernels do, so every implementation produces the same codes from the same float32 input.
+    ``scale = absmax / VMAX``, the f map's absmax clamped to :data:`F_MAX_S` (a NaN kept). The scale's reciprocal
+    ``VMAX / absmax`` is computed in float32 and multiplied in, exactly as the kernels do, so every implementation
+    produces the same codes from the same float32 input.
     """
     fmt = M_FORMAT if signed else F_FORMAT
     x = x.to(torch.float32)
     blocks, pad = _blocks(x, block_size)
     mag = blocks.abs() if signed else blocks
     absmax = _nan_max(mag, 1)
+    if not signed:  # (a NaN compares false: kept)
+        absmax = torch.where(absmax > F_MAX_S, torch.full_like(absmax, F_MAX_S), absmax)
     vmax = torch.tensor(fmt.vmax, dtype=torch.float32, device=x.device)
     inv = torch.where(absmax > 0, vmax / absmax, torch.zeros_like(absmax))
     inv = torch.where(absmax.isnan(), absmax, inv)

@@ -17,13 +17,15 @@ so that ``reduce`` is called exactly twice per call (the reduction-hook contract
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor
 
 from ._multi_tensor import _is_dtensor
-from ._quant import dequantize_blockwise, quantize_blockwise, sr_seeds
+from ._quant import dequantize_blockwise, lowbias32, quantize_blockwise, sr_seeds
+from ._rounding import KIND_EXP_AVG, check_param_rounding, resolve_param_rounding
 from ._state_checks import check_8bit_state
 from .functional import fadam
 
@@ -62,22 +64,29 @@ def _fused_kernel_8bit(device: torch.device):
     raise RuntimeError(f"FAdam8bit(fused=True) is not available on device type {device.type!r}; use foreach=True.")
 
 
-def _fused_ok(params: list[Tensor]) -> bool:
+def _rounds(params: list[Tensor], param_rounding: str) -> bool:
+    """Whether a 16-bit param of this call is stored other than to nearest."""
+    return any(resolve_param_rounding(param_rounding, t.dtype) != "nearest" for t in params)
+
+
+def _fused_ok(params: list[Tensor], param_rounding: str = "nearest") -> bool:
     if torch.compiler.is_compiling():
         return False
     for t in params:
         if _is_dtensor(t) or t.dtype not in _FUSED_DTYPES:
             return False
+    rounds = _rounds(params, param_rounding)
     for device_type in {t.device.type for t in params}:
         try:
             if device_type == "cuda":
                 from .kernels import triton_fadam8bit
 
-                ok = triton_fadam8bit.is_available()
+                ok = triton_fadam8bit.is_available() and (triton_fadam8bit.SUPPORTS_ROUNDING or not rounds)
             elif device_type == "cpu":
                 from .kernels import cpu_fused_8bit
 
                 ok = not _triton_backend_on_cpu() and cpu_fused_8bit.is_available()
+                ok = ok and (cpu_fused_8bit.SUPPORTS_ROUNDING or not rounds)
             else:
                 ok = False
         except ImportError:
@@ -87,7 +96,9 @@ def _fused_ok(params: list[Tensor]) -> bool:
     return True
 
 
-def resolve_implementation_8bit(params: list[Tensor], foreach: bool | None, fused: bool | None) -> str:
+def resolve_implementation_8bit(
+    params: list[Tensor], foreach: bool | None, fused: bool | None, param_rounding: str = "nearest"
+) -> str:
     """``"forloop"``, ``"foreach"`` or ``"fused"`` for these parameters and flags (fused by default where it can)."""
     if foreach and fused:
         raise ValueError("FAdam8bit: foreach=True and fused=True contradict each other; set at most one of them.")
@@ -97,7 +108,7 @@ def resolve_implementation_8bit(params: list[Tensor], foreach: bool | None, fuse
         return "foreach"
     if foreach is False:
         return "forloop"
-    if fused is None and params and _fused_ok(params):
+    if fused is None and params and _fused_ok(params, param_rounding):
         return "fused"
     return "foreach"
 
@@ -127,6 +138,8 @@ def fadam8bit(
     clip: float,
     p: float,
     maximize: bool,
+    param_rounding: str = "nearest",
+    param_comps: Sequence[Tensor | None] | None = None,
 ) -> None:
     """Functional FAdam8bit: one step, in place on params, codes and scales (and fp32 state where scales are None).
 
@@ -134,11 +147,15 @@ def fadam8bit(
     or float32 m / f with ``None`` scales. ``numels``/``reduce``: see the reduction-hook contract in
     docs/CONTRACT.md (``reduce`` is called exactly twice per call, with float64 (1, n) then (2, n) sums).
     ``streams``: each tensor's stream of random bits for f's stochastic rounding (:func:`hf_fadam._quant.sr_seeds`;
-    the optimizer passes the parameter's position over all groups); default ``0 .. n-1``.
+    the optimizer passes the parameter's position over all groups); default ``0 .. n-1``; the same streams give the
+    bits of a 16-bit param's stochastic rounding. ``param_rounding``/``param_comps``: how bfloat16/float16 params are
+    stored, as in :func:`hf_fadam.functional.fadam` (:mod:`hf_fadam._rounding`).
     """
     hyper = dict(lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay, clip=clip, p=p,
                  maximize=maximize)  # fmt: skip
-    impl = resolve_implementation_8bit(params, foreach, fused)
+    check_param_rounding(param_rounding)
+    rounding = dict(param_rounding=param_rounding, param_comps=None if param_comps is None else list(param_comps))
+    impl = resolve_implementation_8bit(params, foreach, fused, param_rounding)
     if impl != "fused" and (grad_scale is not None or found_inf is not None):
         raise RuntimeError("FAdam8bit: grad_scale/found_inf (AMP inside the step) are only supported with fused=True.")
     if not params:
@@ -161,7 +178,7 @@ def fadam8bit(
     if impl != "fused":
         _dequantized_step(params, grads, exp_avgs, fishers, exp_avg_scales, fisher_scales, state_steps,
                           block_size=block_size, foreach=impl == "foreach", numels=numels, reduce=reduce,
-                          streams=streams, **hyper)  # fmt: skip
+                          streams=streams, **rounding, **hyper)  # fmt: skip
         return
     devices = {t.device for t in params}
     if len(devices) > 1 and reduce is not None:
@@ -175,10 +192,17 @@ def fadam8bit(
         # One reduce call per phase, whatever the number of dtype groups: run them phase-major on the reference path.
         _dequantized_step(params, grads, exp_avgs, fishers, exp_avg_scales, fisher_scales, state_steps,
                           block_size=block_size, foreach=True, numels=numels, reduce=reduce, streams=streams,
-                          **hyper)  # fmt: skip
+                          **rounding, **hyper)  # fmt: skip
         return
     for (device, _), idx in grouped.items():
         kernel = _fused_kernel_8bit(device)
+        if not getattr(sys.modules[kernel.__module__], "SUPPORTS_ROUNDING", False) and _rounds(
+            [params[i] for i in idx], param_rounding
+        ):
+            raise RuntimeError(
+                f"FAdam8bit(fused=True): the {device.type} kernel stores 16-bit params to nearest only; "
+                f"param_rounding={param_rounding!r} needs fused=None or foreach=True here"
+            )
         sub = [[lst[i] for i in idx] for lst in lists]
         steps = sub[-1]
         torch._foreach_add_(steps, 1)
@@ -187,7 +211,8 @@ def fadam8bit(
         kernel(
             *sub, block_size=block_size, grad_scale=dev_scale, found_inf=dev_found,
             numels=None if numels is None else [numels[i] for i in idx], reduce=reduce,
-            streams=[streams[i] for i in idx], **hyper,
+            streams=[streams[i] for i in idx], param_rounding=param_rounding,
+            param_comps=None if param_comps is None else [param_comps[i] for i in idx], **hyper,
         )  # fmt: skip
         if dev_found is not None:
             torch._foreach_sub_(steps, [dev_found] * len(steps))
@@ -207,6 +232,8 @@ def _dequantized_step(
     numels: Sequence[int] | None,
     reduce: Callable[[Tensor], object] | None,
     streams: Sequence[int] | None = None,
+    param_rounding: str = "nearest",
+    param_comps: Sequence[Tensor | None] | None = None,
     **hyper: float | bool,
 ) -> None:
     """The reference: dequantize → :func:`hf_fadam.functional.fadam` on fp32 temporaries → quantize."""
@@ -221,12 +248,16 @@ def _dequantized_step(
             s = dequantize_blockwise(f, fsc, block_size)
             fs.append(s * s)
     extra = {} if numels is None and reduce is None else {"numels": numels, "reduce": reduce}
-    fadam(params, grads, ms, fs, state_steps, foreach=foreach, fused=False, **hyper, **extra)
+    fadam(params, grads, ms, fs, state_steps, foreach=foreach, fused=False, param_rounding=param_rounding,
+          param_comps=param_comps, streams=streams, **hyper, **extra)  # fmt: skip
     seeds = sr_seeds(streams, torch.stack([t.reshape(()) for t in state_steps]))
+    # m's codes round stochastically in their subnormal range with bits of their own (_rounding.rounding_seeds of
+    # KIND_EXP_AVG), independent of f's
+    m_seeds = lowbias32(seeds ^ KIND_EXP_AVG)
     for i, (m, f, msc, fsc, m_new, f_new) in enumerate(zip(exp_avgs, fishers, exp_avg_scales, fisher_scales, ms, fs)):
         if fsc is None:
             continue
-        codes, scales = quantize_blockwise(m_new, block_size, signed=True)
+        codes, scales = quantize_blockwise(m_new, block_size, signed=True, seed=m_seeds[i].to(m.device))
         m.copy_(codes)
         msc.copy_(scales)
         codes, scales = quantize_blockwise(f_new.sqrt(), block_size, signed=False, seed=seeds[i].to(f.device))

@@ -21,12 +21,14 @@ Dynamo).
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor
 
 from ._multi_tensor import _multi_tensor_fadam
+from ._rounding import SIXTEEN_BIT, check_param_rounding, resolve_param_rounding
 from ._sharded import describe_sharded, has_dtensor, local_tensors, sharded_fadam
 from ._single_tensor import _single_tensor_fadam
 
@@ -77,7 +79,15 @@ def _fused_kernel(device: torch.device):
     raise RuntimeError(f"FAdam(fused=True) is not available on device type {device.type!r}; use foreach=True.")
 
 
-def _fused_available(params: list[Tensor], fishers: list[Tensor]) -> bool:
+def _needs_rounding(params: list[Tensor], fishers: list[Tensor], param_rounding: str) -> bool:
+    """Whether a store of this call rounds other than to nearest (a 16-bit param not "nearest", or 16-bit state)."""
+    return any(
+        f.dtype in SIXTEEN_BIT or (t.dtype in SIXTEEN_BIT and resolve_param_rounding(param_rounding, t.dtype) != "nearest")
+        for t, f in zip(params, fishers)
+    )
+
+
+def _fused_available(params: list[Tensor], fishers: list[Tensor], param_rounding: str = "nearest") -> bool:
     """Whether fused=None should choose the fused path for these parameters (and their state dtypes)."""
     if torch.compiler.is_compiling():
         return False
@@ -89,6 +99,7 @@ def _fused_available(params: list[Tensor], fishers: list[Tensor]) -> bool:
                 from .kernels import triton_fadam
 
                 ok = triton_fadam.is_available() and triton_fadam.is_supported(param_dtype, state_dtype)
+                ok = ok and (triton_fadam.SUPPORTS_ROUNDING or not _needs_rounding(params, fishers, param_rounding))
             else:
                 from .kernels import cpu_fused
 
@@ -97,6 +108,7 @@ def _fused_available(params: list[Tensor], fishers: list[Tensor]) -> bool:
                     _cpu_fused_backend() == "c"
                     and cpu_fused.is_available()
                     and cpu_fused.is_supported(param_dtype, state_dtype)
+                    and (cpu_fused.SUPPORTS_ROUNDING or not _needs_rounding(params, fishers, param_rounding))
                 )
         except ImportError:
             ok = False
@@ -106,7 +118,11 @@ def _fused_available(params: list[Tensor], fishers: list[Tensor]) -> bool:
 
 
 def resolve_implementation(
-    params: list[Tensor], foreach: bool | None, fused: bool | None, fishers: list[Tensor] | None = None
+    params: list[Tensor],
+    foreach: bool | None,
+    fused: bool | None,
+    fishers: list[Tensor] | None = None,
+    param_rounding: str = "nearest",
 ) -> str:
     """Return ``"forloop"``, ``"foreach"`` or ``"fused"`` for these parameters (with their Fisher state) and flags."""
     if foreach and fused:
@@ -121,7 +137,7 @@ def resolve_implementation(
         return "foreach"
     if foreach is False:
         return "forloop"
-    if fused is None and _fused_available(params, params if fishers is None else fishers):
+    if fused is None and _fused_available(params, params if fishers is None else fishers, param_rounding):
         return "fused"
     return "foreach"
 
@@ -147,6 +163,9 @@ def fadam(
     maximize: bool,
     numels: Sequence[int] | None = None,
     reduce: Callable[[Tensor], object] | None = None,
+    param_rounding: str = "nearest",
+    param_comps: Sequence[Tensor | None] | None = None,
+    streams: Sequence[int] | None = None,
 ) -> None:
     """Functional FAdam: one step over the given tensors, in place. See :class:`hf_fadam.FAdam` for the math.
 
@@ -165,6 +184,13 @@ def fadam(
             partial sums into the sums over the whole logical tensors in place (e.g. ``dist.all_reduce(buf)``).
             ``None`` is the identity (one process). With a reduce, all tensors must be on one device; the
             implementations run phase-major over their internal dtype groups, so the count stays two.
+        param_rounding: how new values of bfloat16/float16 params are stored (:mod:`hf_fadam._rounding`):
+            ``"nearest"`` (the default of this function), ``"stochastic"``, ``"kahan"`` or ``"auto"``. 16-bit state
+            is always stored with stochastic rounding.
+        param_comps: with ``"kahan"``, each param's compensation buffer (its dtype and shape; None for params that
+            are not 16-bit), updated in place.
+        streams: each tensor's stream of random bits for stochastic rounding (the optimizer passes the parameter's
+            position over all groups); default ``0 .. n-1``.
 
     With ``found_inf != 0`` (fused AMP) nothing is updated, but a ``reduce`` is still called twice (on zeros), so
     that processes never disagree on the number of collectives.
@@ -195,9 +221,12 @@ def fadam(
             clip=clip,
             p=p,
             maximize=maximize,
+            param_rounding=param_rounding,
+            param_comps=param_comps,
+            streams=streams,
         )
         return
-    impl = resolve_implementation(params, foreach, fused, fishers)
+    impl = resolve_implementation(params, foreach, fused, fishers, param_rounding)
     if impl != "fused" and (grad_scale is not None or found_inf is not None):
         if fused:
             raise RuntimeError(
@@ -207,9 +236,11 @@ def fadam(
         raise RuntimeError("FAdam: grad_scale/found_inf (AMP inside the step) are only supported with fused=True.")
     if numels is not None and len(numels) != len(params):
         raise ValueError(f"FAdam: numels has {len(numels)} entries for {len(params)} params; give one per tensor")
+    check_param_rounding(param_rounding)
     hyper = dict(
-        lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay, clip=clip, p=p, maximize=maximize
-    )
+        lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay, clip=clip, p=p, maximize=maximize,
+        param_rounding=param_rounding, param_comps=param_comps, streams=streams,
+    )  # fmt: skip
     if impl == "forloop":
         _single_tensor_fadam(params, grads, exp_avgs, fishers, state_steps, numels=numels, reduce=reduce, **hyper)
     elif impl == "foreach":
@@ -267,12 +298,22 @@ def _fused_fadam(
             groups.setdefault(key, []).append(i)
     grad_scales = {} if grad_scale is None else {grad_scale.device: grad_scale}
     found_infs = {} if found_inf is None else {found_inf.device: found_inf}
+    comps = hyper.pop("param_comps", None)
+    streams = hyper.pop("streams", None)
+    streams = list(range(len(params))) if streams is None else list(streams)
     for (device, *_), idx in groups.items():
         if len(idx) == len(params):  # one group (the usual case): the lists as they are
             dev_params, dev_grads, dev_exp_avgs, dev_fishers, dev_steps = lists
         else:
             dev_params, dev_grads, dev_exp_avgs, dev_fishers, dev_steps = ([lst[i] for i in idx] for lst in lists)
         kernel = _fused_kernel(device)
+        if not sys.modules[kernel.__module__].SUPPORTS_ROUNDING and _needs_rounding(
+            dev_params, dev_fishers, hyper["param_rounding"]
+        ):
+            raise RuntimeError(
+                f"FAdam(fused=True): the {device.type} kernel stores 16-bit params and state to nearest only; "
+                f"param_rounding={hyper['param_rounding']!r} (or 16-bit state) needs fused=None or foreach=True here"
+            )
         dev_grad_scale = dev_found_inf = None
         if grad_scale is not None:
             dev_grad_scale = grad_scales.setdefault(device, grad_scale.to(device, non_blocking=True))
@@ -291,6 +332,8 @@ def _fused_fadam(
             # (passed only when given: the kernels default numels to the tensors' sizes and reduce to the identity)
             **({} if numels is None else {"numels": [numels[i] for i in idx] if len(idx) < len(params) else numels}),
             **({} if reduce is None else {"reduce": reduce}),
+            param_comps=None if comps is None else [comps[i] for i in idx],
+            streams=streams if len(idx) == len(params) else [streams[i] for i in idx],
             **hyper,
         )
         if dev_found_inf is not None and dev_steps:

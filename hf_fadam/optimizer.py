@@ -9,9 +9,10 @@ import torch
 from torch import Tensor
 from torch.optim.optimizer import Optimizer
 
-from ._flat import flat_fadam_group, get_layout, has_layouts, install_engine_hooks
+from ._flat import flat_fadam_group, get_layout, has_layouts, install_engine_hooks, loaded_step
 from ._fsdp1 import check_allow_flat_shards, refuse_fsdp1_flat
 from ._math import resolve_state_dtype
+from ._rounding import check_param_rounding, resolve_param_rounding
 from ._state_checks import check_fp_state
 from .functional import describe_implementation, fadam
 
@@ -95,7 +96,13 @@ class FAdam(Optimizer):
             on CPU) and lets ``torch.amp.GradScaler`` unscale inside the step. With both flags ``None`` the fused
             path is used where available (not for DTensor parameters, not under ``torch.compile``), else foreach.
         state_dtype (torch.dtype, str or None, default None): dtype of ``exp_avg`` and ``fisher``: float32 for
-            float16/bfloat16 params, the param dtype otherwise. It is kept through ``load_state_dict``.
+            float16/bfloat16 params, the param dtype otherwise. It is kept through ``load_state_dict``. 16-bit state
+            is stored with stochastic rounding (unbiased: the Fisher EMA keeps moving), see :mod:`hf_fadam._rounding`.
+        param_rounding (str, default ``"auto"``): how a bfloat16/float16 param stores its new value (the math runs in
+            float32): ``"nearest"`` (plain PyTorch: updates below half an ulp are lost), ``"stochastic"`` (unbiased
+            stochastic rounding, no memory), ``"kahan"`` (a 16-bit compensation buffer ``param_comp`` in the state
+            keeps what rounding dropped; 2 bytes per parameter), or ``"auto"``: stochastic for 16-bit params, and
+            nothing to round for float32/float64 ones. See :mod:`hf_fadam._rounding` and docs/precision.md.
         allow_flat_shards (bool, default False): accept FSDP1 (``FullyShardedDataParallel``) parameters, i.e. flat
             parameters or 1-D views of a process's shard, and take every RMS per shard. Without it such a parameter
             raises ``RuntimeError`` (in the constructor, or at its first step if FSDP1 wrapped it later); FSDP2
@@ -117,8 +124,15 @@ class FAdam(Optimizer):
           tensors; :mod:`hf_fadam.integrations.deepspeed` maps it back to parameters (``hf_fadam._flat``), so
           every RMS is still per whole tensor. FSDP1's flat shards are not mapped: refused unless
           ``allow_flat_shards=True``.
+        - Not supported, and refused with an error that says so: a tensor ``lr`` (``ValueError``; pass a float,
+          schedulers set ``group["lr"]``), complex parameters (``ValueError``; optimize ``torch.view_as_real(p)``),
+          sparse gradients (``RuntimeError``; use dense embeddings), and torch's ``capturable``/``differentiable``
+          options (not arguments of this class). The same holds for :class:`hf_fadam.FAdam8bit`.
+        - ``load_state_dict`` checks what it loads (hyperparameters as the constructor does, each state tensor
+          against its parameter's shape) and keeps torch's hook contract; see its docstring.
 
-    State per parameter: ``step`` (0-d float32 tensor on the parameter's device), ``exp_avg`` (m), ``fisher`` (f).
+    State per parameter: ``step`` (0-d float32 tensor on the parameter's device), ``exp_avg`` (m), ``fisher`` (f),
+    and ``param_comp`` (the param's dtype and shape) for a 16-bit param stored with ``param_rounding="kahan"``.
     """
 
     def __init__(
@@ -135,6 +149,7 @@ class FAdam(Optimizer):
         foreach: bool | None = None,
         fused: bool | None = None,
         state_dtype: torch.dtype | str | None = None,
+        param_rounding: str = "auto",
         allow_flat_shards: bool = False,
     ) -> None:
         defaults = dict(
@@ -148,6 +163,7 @@ class FAdam(Optimizer):
             foreach=foreach,
             fused=fused,
             state_dtype=state_dtype,
+            param_rounding=param_rounding,
         )
         self._validate_group(defaults)
         defaults["state_dtype"] = _parse_state_dtype(state_dtype)
@@ -185,6 +201,7 @@ class FAdam(Optimizer):
         if group["foreach"] and group["fused"]:
             raise ValueError("Invalid foreach=True with fused=True: they contradict each other; set at most one")
         _parse_state_dtype(group["state_dtype"])
+        check_param_rounding(group["param_rounding"])
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         for key, value in self.defaults.items():
@@ -219,6 +236,7 @@ class FAdam(Optimizer):
             group.setdefault("foreach", None)
             group.setdefault("fused", None)
             group.setdefault("state_dtype", None)
+            group.setdefault("param_rounding", "nearest")  # (an object pickled before the option existed)
 
     def _init_group(
         self,
@@ -228,8 +246,11 @@ class FAdam(Optimizer):
         exp_avgs: list[Tensor],
         fishers: list[Tensor],
         state_steps: list[Tensor],
+        comps: list[Tensor | None],
+        streams: list[int],
+        stream0: int = 0,
     ) -> None:
-        for param in group["params"]:
+        for j, param in enumerate(group["params"]):
             grad = param.grad
             if grad is None:
                 continue
@@ -244,11 +265,16 @@ class FAdam(Optimizer):
                 state["step"] = torch.zeros((), dtype=torch.float32, device=param.device)
                 state["exp_avg"] = torch.zeros_like(param, dtype=state_dtype, memory_format=torch.preserve_format)
                 state["fisher"] = torch.zeros_like(param, dtype=state_dtype, memory_format=torch.preserve_format)
+            kahan = resolve_param_rounding(group["param_rounding"], param.dtype) == "kahan"
+            if kahan and "param_comp" not in state:  # what rounding θ to its 16-bit dtype dropped, added back
+                state["param_comp"] = torch.zeros_like(param, memory_format=torch.preserve_format)
             params.append(param)
             grads.append(grad)
             exp_avgs.append(state["exp_avg"])
             fishers.append(state["fisher"])
             state_steps.append(state["step"])
+            comps.append(state["param_comp"] if kahan else None)
+            streams.append(stream0 + j)
 
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> float | None:
@@ -259,7 +285,9 @@ class FAdam(Optimizer):
                 loss = closure()
         grad_scale = getattr(self, "grad_scale", None)
         found_inf = getattr(self, "found_inf", None)
+        stream0 = 0  # a parameter's position over all groups: its stream of random bits (stochastic rounding)
         for group in self.param_groups:
+            stream0 += len(group["params"])
             if has_layouts() and any(get_layout(param) is not None for param in group["params"]):
                 # Flat partitions of an engine (DeepSpeed ZeRO), described by its integration: per fragment.
                 for param in group["params"]:
@@ -273,7 +301,10 @@ class FAdam(Optimizer):
             exp_avgs: list[Tensor] = []
             fishers: list[Tensor] = []
             state_steps: list[Tensor] = []
-            self._init_group(group, params, grads, exp_avgs, fishers, state_steps)
+            comps: list[Tensor | None] = []
+            streams: list[int] = []
+            self._init_group(group, params, grads, exp_avgs, fishers, state_steps, comps, streams,
+                             stream0 - len(group["params"]))  # fmt: skip
             beta1, beta2 = group["betas"]
             fadam(
                 params,
@@ -293,8 +324,19 @@ class FAdam(Optimizer):
                 clip=group["clip"],
                 p=group["p"],
                 maximize=group["maximize"],
+                param_rounding=group["param_rounding"],
+                param_comps=comps if any(c is not None for c in comps) else None,
+                streams=streams,
             )
         return loss
+
+    def param_rounding_of(self, group: dict[str, Any], dtype: torch.dtype) -> str:
+        """How this optimizer stores params of ``dtype`` in ``group``: ``"nearest"``, ``"stochastic"`` or ``"kahan"``
+        (``"auto"`` resolved as this class means it; float32/float64 params always ``"nearest"``)."""
+        return resolve_param_rounding(self._group_rounding(group), dtype)
+
+    def _group_rounding(self, group: dict[str, Any]) -> str:
+        return group["param_rounding"]
 
     def describe_implementation(self) -> str:
         """The implementation ``step`` runs, e.g. ``"fused (C kernel, cpu)"``, ``"foreach"`` or ``"for-loop reference"``.
@@ -367,12 +409,19 @@ class FAdam(Optimizer):
             state = _dequantized_8bit_state(who, state, param, group, key)
         _require_state_keys(who, state, key, ("step", "exp_avg", "fisher"))
         if "step" in state:
-            state["step"] = _loaded_step(who, state["step"], param.device, key)
+            layout = get_layout(param)  # a flat partition (DeepSpeed ZeRO): one step per parameter of its group
+            if layout is not None:
+                state["step"] = loaded_step(who, state["step"], layout, param.device, key)
+            else:
+                state["step"] = _loaded_step(who, state["step"], param.device, key)
         state_dtype = resolve_state_dtype(param.dtype, group["state_dtype"])
         for name in ("exp_avg", "fisher"):
             if name in state:
                 check_fp_state(who, name, key, state[name], param)
                 state[name] = state[name].to(dtype=state_dtype, device=param.device, copy=True)
+        if "param_comp" in state:  # the Kahan residual: the param's own dtype
+            check_fp_state(who, "param_comp", key, state["param_comp"], param)
+            state["param_comp"] = state["param_comp"].to(dtype=param.dtype, device=param.device, copy=True)
         return state
 
 
@@ -418,8 +467,12 @@ def _dequantized_8bit_state(who: str, state: dict[str, Any], param: Tensor, grou
     from .optimizer_8bit import _check_block_size
 
     _check_block_size(block_size)
-    shard = param.to_local() if _is_dtensor(param) else param  # FAdam8bit keeps a DTensor param's local shard
+    shard = param.to_local() if _is_dtensor(param) else param  # FAdam8bit's blocks are cut per local shard
     codes = {name: state.pop(name) for name in ("exp_avg", "exp_avg_scale", "fisher_sqrt", "fisher_sqrt_scale")}
+    from ._sharded import LAYOUT_KEY, loaded_8bit_local
+
+    # FAdam8bit's DTensor state: this rank's codes and scales, if they were cut for this param's shards
+    codes = loaded_8bit_local(who, key, param, {**codes, LAYOUT_KEY: state.pop(LAYOUT_KEY, None)}, block_size)
     codes = {name: t.to(device=shard.device) if isinstance(t, Tensor) else t for name, t in codes.items()}
     check_8bit_state(who, key, shard, codes["exp_avg"], codes["fisher_sqrt"], codes["exp_avg_scale"],
                      codes["fisher_sqrt_scale"], block_size)  # fmt: skip

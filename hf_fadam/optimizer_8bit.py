@@ -12,6 +12,7 @@ from ._fsdp1 import refuse_fsdp1_flat
 from ._multi_tensor import _is_dtensor
 from ._quant import num_blocks, quantize_blockwise
 from ._quant_step import _triton_backend_on_cpu, fadam8bit, resolve_implementation_8bit
+from ._rounding import AUTO_16BIT_8BIT, resolve_param_rounding
 from ._state_checks import check_8bit_state, check_fp_state
 from .optimizer import FAdam, _loaded_step, _require_state_keys
 
@@ -19,6 +20,7 @@ from .optimizer import FAdam, _loaded_step, _require_state_keys
 __all__ = ["FAdam8bit"]
 
 _MAX_BLOCK = 4096
+_FP32_STATE = torch.empty(0)  # stands for FAdam8bit's state in a check of what is stored in 16 bits
 
 
 class FAdam8bit(FAdam):
@@ -56,11 +58,19 @@ class FAdam8bit(FAdam):
     otherwise ``exp_avg`` and ``fisher`` (float32). ``state_dict()``/``load_state_dict`` keep the codes and scales
     as they are (bit-exact resume); a state dict of :class:`FAdam` loads too (its fp32 state is quantized).
 
-    DDP: the state is replicated and every rank steps identically. DTensor parameters (FSDP2, TP): each rank steps
-    its local shard with its own blocks (the state is plain local tensors), and every RMS is over the whole logical
-    tensor through the sharded path's all-reduce (two per step and sharding layout). Checkpoint such a run per rank
-    (``torch.save(optimizer.state_dict())``) and resume it with the same world size: the local-shard state is not a
-    DTensor, so ``torch.distributed.checkpoint`` would keep one rank's copy only.
+    DDP: the state is replicated and every rank steps identically. DTensor parameters (FSDP2, HSDP, TP): each rank
+    steps its local shard with its own blocks (cut in the shard's flat order), and every RMS is over the whole
+    logical tensor through the sharded path's all-reduce (two per step and sharding layout). The state is DTensors,
+    so ``torch.distributed.checkpoint`` (DCP, ``get_state_dict``/``set_state_dict``) and a per-rank
+    ``torch.save(optimizer.state_dict())`` save and restore every rank's part: the codes (and the fp32 state of
+    small tensors) are placed like the param; each scale tensor has the logical shape (the param's sharded dims,
+    ``ceil(rest / block_size)``), sharded like the param (or, where ``rest`` is under half a block, one even part
+    per rank), of which a rank uses the first ``num_blocks(shard)`` slots; ``shard_layout`` (int64) records
+    ``block_size`` and the sharding the blocks were cut for. Resuming with the same shards (the same mesh sizes and
+    placements; HSDP replicas may differ) is bit-exact. Blocks cut for other shards cannot be resharded exactly, so
+    a load into another world size or sharding is refused with a ``ValueError`` that says how to go through
+    :class:`FAdam`'s fp32 state instead (docs/8bit.md); a per-rank save of earlier versions (plain local tensors)
+    still loads at its own world size.
     """
 
     def __init__(
@@ -78,6 +88,7 @@ class FAdam8bit(FAdam):
         fused: bool | None = None,
         block_size: int = 256,
         min_8bit_size: int = 4096,
+        param_rounding: str = "auto",
         allow_flat_shards: bool = False,
     ) -> None:
         _check_block_size(block_size)
@@ -85,7 +96,7 @@ class FAdam8bit(FAdam):
         self._init_8bit = dict(block_size=block_size, min_8bit_size=min_8bit_size)
         super().__init__(
             params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, clip=clip, p=p, maximize=maximize,
-            foreach=foreach, fused=fused, allow_flat_shards=allow_flat_shards,
+            foreach=foreach, fused=fused, param_rounding=param_rounding, allow_flat_shards=allow_flat_shards,
         )  # fmt: skip
         self.defaults.update(self._init_8bit)
         for group in self.param_groups:
@@ -123,6 +134,8 @@ class FAdam8bit(FAdam):
                 # tensor: logical numel, and the sharded path's all-reduce as the reduce hook.
                 from . import _sharded
 
+                # (8-bit state: no 16-bit store of its own; a 16-bit param's stochastic rounding is refused)
+                _sharded.refuse_random_stores([param], [_FP32_STATE], _rounding_8bit(group))
                 if grad.placements != param.placements:
                     grad = _sharded._grad_like_param(grad, param)
                 layout = (param.device_mesh, _sharded.sharded_dims(param))
@@ -141,17 +154,29 @@ class FAdam8bit(FAdam):
                 else:
                     state["exp_avg"] = torch.zeros(local.shape, dtype=torch.float32, device=dev)
                     state["fisher"] = torch.zeros(local.shape, dtype=torch.float32, device=dev)
+                if layout is not None:  # kept as DTensors, which torch.distributed.checkpoint saves per shard
+                    state.update(_sharded.sharded_8bit_state(param, state, group["block_size"]))
+            quant = "fisher_sqrt" in state
+            if layout is None:
+                m, f = state["exp_avg"], state["fisher_sqrt" if quant else "fisher"]
+                m_scale, f_scale = (state["exp_avg_scale"], state["fisher_sqrt_scale"]) if quant else (None, None)
+            else:  # this rank's codes and its blocks' scales (views of the DTensors' local tensors)
+                m, f, m_scale, f_scale = _sharded.local_8bit_state(param, state, group["block_size"], stream0 + j)
             lists["layouts"].append(layout)
             lists["numels"].append(param.numel())
             lists["params"].append(local)
             lists["grads"].append(grad)
-            lists["exp_avgs"].append(state["exp_avg"])
-            quant = "fisher_sqrt" in state
-            lists["fishers"].append(state["fisher_sqrt"] if quant else state["fisher"])
-            lists["exp_avg_scales"].append(state["exp_avg_scale"] if quant else None)
-            lists["fisher_scales"].append(state["fisher_sqrt_scale"] if quant else None)
+            lists["exp_avgs"].append(m)
+            lists["fishers"].append(f)
+            lists["exp_avg_scales"].append(m_scale)
+            lists["fisher_scales"].append(f_scale)
             lists["state_steps"].append(state["step"])
             lists["streams"].append(stream0 + j)
+            kahan = resolve_param_rounding(_rounding_8bit(group), local.dtype) == "kahan"
+            if kahan and "param_comp" not in state:  # what rounding θ to its 16-bit dtype dropped, added back
+                state["param_comp"] = _like_param(torch.zeros_like(local), param)
+            comp = state["param_comp"] if kahan else None
+            lists["comps"].append(getattr(comp, "_local_tensor", comp))
 
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> float | None:
@@ -165,7 +190,7 @@ class FAdam8bit(FAdam):
         stream0 = 0  # a parameter's position over all groups: its stream of random bits (f's rounding)
         for group in self.param_groups:
             names = ("params", "grads", "exp_avgs", "fishers", "exp_avg_scales", "fisher_scales", "state_steps")
-            lists: dict[str, list] = {name: [] for name in (*names, "layouts", "numels", "streams")}
+            lists: dict[str, list] = {name: [] for name in (*names, "layouts", "numels", "streams", "comps")}
             self._init_group_8bit(group, lists, stream0)
             stream0 += len(group["params"])
             beta1, beta2 = group["betas"]
@@ -181,9 +206,11 @@ class FAdam8bit(FAdam):
                     mesh, dims = lists["layouts"][index[0]]
                     reduce = make_reduce(mesh, dims)
                     numels = [lists["numels"][i] for i in index]
+                comps = [lists["comps"][i] for i in index]
                 self._step_lists(group, [[lists[name][i] for i in index] for name in names], grad_scale,
                                  found_inf, beta1, beta2, numels, reduce,
-                                 [lists["streams"][i] for i in index])  # fmt: skip
+                                 [lists["streams"][i] for i in index],
+                                 comps if any(c is not None for c in comps) else None)  # fmt: skip
         return loss
 
     def _step_lists(
@@ -197,6 +224,7 @@ class FAdam8bit(FAdam):
         numels: list[int] | None,
         reduce: Callable[[Tensor], object] | None,
         streams: list[int],
+        param_comps: list[Tensor | None] | None = None,
     ) -> None:
         fadam8bit(
             *tensor_lists,
@@ -216,7 +244,12 @@ class FAdam8bit(FAdam):
             clip=group["clip"],
             p=group["p"],
             maximize=group["maximize"],
+            param_rounding=_rounding_8bit(group),
+            param_comps=param_comps,
         )
+
+    def _group_rounding(self, group: dict[str, Any]) -> str:
+        return _rounding_8bit(group)
 
     def describe_implementation(self) -> str:
         """The implementation ``step`` runs, e.g. ``"fused (C kernel, cpu), 8-bit state (block_size 256)"``."""
@@ -246,9 +279,11 @@ class FAdam8bit(FAdam):
         hyperparameter). Nothing reaches the kernels unchecked: every code and scale tensor must have the dtype and
         element count its parameter and ``block_size`` need (``ValueError`` naming the entry otherwise; a
         block_size that does not match the saved scales is one). ``step`` comes back as a float32 tensor, also from
-        an older checkpoint that saved a Python number. Under FSDP2/TP the state is each rank's shard: load each
-        rank's own save, with the same world size; a FAdam state dict's DTensor state must be placed like its
-        parameter.
+        an older checkpoint that saved a Python number. Under FSDP2/TP the 8-bit state (DTensors, from DCP or a
+        per-rank save) must have been cut for the same shards (its ``shard_layout``; a load for another world size or
+        sharding raises ``ValueError``), a per-rank save of earlier versions (plain local tensors) is each rank's own
+        shard, and a FAdam state dict's DTensor state must be placed like its parameter (it is quantized per local
+        shard).
 
         torch's hook contract holds as for :meth:`FAdam.load_state_dict`: pre-hooks see (and may edit) the whole
         ``state_dict`` before it is loaded; post-hooks run once ``self.state`` holds the loaded state.
@@ -270,6 +305,10 @@ class FAdam8bit(FAdam):
             state["step"] = _loaded_step(who, state["step"], dev, key)
         if "fisher_sqrt" in state:
             _require_state_keys(who, state, key, _QUANT_KEYS)
+            from ._sharded import loaded_8bit_local
+
+            # DTensor state (DCP, a per-rank save): this rank's codes and scales, if cut for the same shards
+            state.update(loaded_8bit_local(who, key, param, state, group["block_size"]))
             for name in _QUANT_KEYS[1:]:
                 t = state[name]
                 if isinstance(t, Tensor):
@@ -293,7 +332,32 @@ class FAdam8bit(FAdam):
                              state.get("exp_avg_scale"), state.get("fisher_sqrt_scale"), group["block_size"])  # fmt: skip
         else:
             _require_state_keys(who, state, key, ("step", "exp_avg", "fisher_sqrt"))
+        if _is_dtensor(param) and "exp_avg" in state:  # checked local tensors -> DTensors (and shard_layout)
+            from ._sharded import sharded_8bit_state
+
+            state = sharded_8bit_state(param, state, group["block_size"])
+        if "param_comp" in state:  # the Kahan residual: the param's dtype and shape (a DTensor param: a DTensor)
+            comp = state["param_comp"]
+            check_fp_state(who, "param_comp", key, comp, param if _is_dtensor(comp) else shard)
+            comp = _local_state(comp, param, "param_comp").to(dtype=shard.dtype, device=dev, copy=True)
+            state["param_comp"] = _like_param(comp, param)
         return state
+
+
+def _like_param(local: Tensor, param: Tensor) -> Tensor:
+    """``local`` as a DTensor placed like ``param`` (its local shard), so that DCP saves every rank's; else itself."""
+    if not _is_dtensor(param):
+        return local
+    from torch.distributed.tensor import DTensor
+
+    return DTensor.from_local(local, param.device_mesh, param.placements, run_check=False, shape=param.shape,
+                              stride=param.stride())  # fmt: skip
+
+
+def _rounding_8bit(group: dict[str, Any]) -> str:
+    """The group's ``param_rounding`` with FAdam8bit's meaning of ``"auto"`` (:data:`AUTO_16BIT_8BIT`)."""
+    mode = group["param_rounding"]
+    return AUTO_16BIT_8BIT if mode == "auto" else mode
 
 
 _QUANT_KEYS = ("step", "exp_avg", "exp_avg_scale", "fisher_sqrt", "fisher_sqrt_scale")

@@ -18,6 +18,7 @@ import pytest
 import torch
 
 from hf_fadam import FAdam
+from hf_fadam._rounding import KIND_EXP_AVG, KIND_FISHER, round_stochastic, rounding_seeds
 from hf_fadam.kernels import triton_fadam
 
 from _harness import assert_trajectories_close, trajectory
@@ -428,7 +429,10 @@ def test_fisher_keeps_learning_at_large_steps_with_low_precision_state(device):
         for i, (sd, t0) in enumerate(cases):
             theta, m, f = _spec_step(spec[0][i], spec[1][i], spec[2][i], spec[3][i], t0 + t, **hp)
             # the kernel stores θ, m and f in their dtypes: round the transcription the same way between steps
-            spec[0][i], spec[2][i], spec[3][i] = theta.float().double(), m.to(sd).double(), f.to(sd).double()
+            steps = torch.tensor([float(t0 + t)])  # 16-bit state is stored stochastically (hf_fadam._rounding)
+            m = round_stochastic(m.float(), sd, rounding_seeds([i], steps, KIND_EXP_AVG))
+            f = round_stochastic(f.float(), sd, rounding_seeds([i], steps, KIND_FISHER))
+            spec[0][i], spec[2][i], spec[3][i] = theta.float().double(), m.double(), f.double()
     for i, (sd, t0) in enumerate(cases):
         f = lists[3][i].cpu().double()
         assert f.mean() > 5e-3, f"f froze at t={t0} with {sd} state"  # 10 steps at |g| ~ 1 add ~ 1e-2

@@ -149,8 +149,9 @@ def test_load_post_hook_sees_the_loaded_state():
 
     opt2.register_load_state_dict_post_hook(record)
     opt2.load_state_dict(saved)
-    assert set(seen) == {"step", "exp_avg", "fisher"}
+    assert set(seen) == {"step", "exp_avg", "fisher", "param_comp"}  # bf16 params: Kahan-compensated by default
     assert seen["fisher"][0] == torch.float32 and seen["exp_avg"][0] == torch.float32
+    assert seen["param_comp"][0] == torch.bfloat16 and torch.equal(seen["param_comp"][1], opt.state[param]["param_comp"])
     assert torch.equal(seen["fisher"][1], opt.state[param]["fisher"])  # not rounded through bf16
     assert seen["step"] == (torch.float32, torch.tensor(1.0))
 

@@ -116,6 +116,8 @@ OPTIM_ARGS: dict[str, Callable[[str, str], Any]] = {
     "foreach": _to_optional_bool,
     "fused": _to_optional_bool,
     "maximize": _to_bool,
+    # FAdam itself checks the value against its list ("auto", "nearest", "stochastic", "kahan") and names them.
+    "param_rounding": lambda key, value: value,
     # Also read by the handler's guard (FSDP1, DeepSpeed NVMe offload); FAdam itself refuses FSDP1 params without it.
     "allow_flat_shards": _to_bool,
 }
@@ -399,10 +401,29 @@ def describe_built_optimizer(optimizer: Any) -> str:
     except Exception as exc:  # a log line must not stop a run; the step itself reports real problems
         implementation = f"unknown ({type(exc).__name__}: {exc})"
     return (
-        f"hf_fadam: the Trainer built FAdam, implementation {implementation}; lr={defaults['lr']}, "
-        f"betas=({beta1}, {beta2}), eps={defaults['eps']}, weight_decay per param group=[{decays}], "
-        f"clip={defaults['clip']}, p={defaults['p']}, maximize={defaults['maximize']}, state_dtype={state_dtype}, "
-        f"foreach={defaults['foreach']}, fused={defaults['fused']}"
+        f"hf_fadam: the Trainer built {type(optimizer).__name__}, implementation {implementation}; "
+        f"lr={defaults['lr']}, betas=({beta1}, {beta2}), eps={defaults['eps']}, weight_decay per param group="
+        f"[{decays}], clip={defaults['clip']}, p={defaults['p']}, maximize={defaults['maximize']}, "
+        f"state_dtype={state_dtype}, foreach={defaults['foreach']}, fused={defaults['fused']}, "
+        f"{describe_param_rounding(optimizer)}"
+    )
+
+
+def describe_param_rounding(optimizer: Any) -> str:
+    """``param_rounding=...`` with what it means for this optimizer's params: which 16-bit dtypes it steps directly
+    (a pure low-precision fine-tune) and how it stores them, or that every param is 32/64-bit (nothing rounds)."""
+    from hf_fadam._rounding import SIXTEEN_BIT
+
+    mode = optimizer.defaults.get("param_rounding", "nearest")
+    low = sorted({str(p.dtype).removeprefix("torch.") for g in optimizer.param_groups for p in g["params"]
+                  if p.dtype in SIXTEEN_BIT})  # fmt: skip
+    if not low:
+        return f"param_rounding={mode} (float32/float64 params: nothing to round)"
+    stores = sorted({optimizer.param_rounding_of(g, p.dtype)
+                     for g in optimizer.param_groups for p in g["params"] if p.dtype in SIXTEEN_BIT})  # fmt: skip
+    return (
+        f"param_rounding={mode}: {'/'.join(low)} params stepped directly (a pure low-precision fine-tune), "
+        f"stored with {'/'.join(stores)} rounding"
     )
 
 
@@ -467,6 +488,7 @@ def describe_optimizer(args: Any) -> str:
         values.update(weight_decay=args.weight_decay)
     beta1, beta2 = values["betas"]
     extra = ", ".join(f"{key}={values[key]}" for key in ("maximize", "state_dtype") if values.get(key))
+    extra = ", ".join(filter(None, (extra, f"param_rounding={values.get('param_rounding', 'auto')}")))
     extra = f", {extra}" if extra else ""
     optimizer_args = args.optim_args or "No additional optimizer arguments"
     return (

@@ -50,7 +50,7 @@
 #include <omp.h>
 #endif
 
-#define HF_FADAM8_ABI 3
+#define HF_FADAM8_ABI 4
 /* acc + x*x for float x in double (x*x exact): one fma where the target has it; a library fma call elsewhere would
    stop the loop vectorizing */
 #ifdef __FMA__
@@ -68,7 +68,10 @@ typedef struct {
     double lr, beta1, eps, weight_decay, clip, p, grad_scale;
     int64_t block_size;
     int maximize, has_grad_scale;
+    int round_mode; /* how 16-bit params are stored: PARAM_NEAREST, PARAM_STOCHASTIC, PARAM_KAHAN (0 for fp32) */
 } fadam8_hparams;
+
+enum { PARAM_NEAREST = 0, PARAM_STOCHASTIC = 1, PARAM_KAHAN = 2 };
 
 int hf_fadam8_abi_version(void) { return HF_FADAM8_ABI; }
 
@@ -108,6 +111,32 @@ static inline uint16_t f16_store(float f) {
     return sign | (uint16_t)(x >> 13);
 }
 #define ID(x) (x)
+#define ID_SR(x, r) (x)
+
+/* Stochastic stores of 16-bit params (hf_fadam/_rounding.round_stochastic, bit for bit given the same float input
+   and bits): r is the element's 16 random bits (0 .. 65535, sr_bits16).
+   bf16: (bits(x) + r) >> 16, up with probability low16(x) / 2^16 (a carry into the exponent is the next binade's
+   first value; inf only from beyond bf16's largest finite value, as in the reference).
+   f16, normal range (|x| >= 2^-14): (bits(x) + (r >> 3)) truncated to 10 mantissa bits, rebiased; past 65504 inf
+   (only from |x| > 65504). Subnormal range (a grid of step 2^-24): k = floor(|x| 2^24) rounds up to k + 1 when
+   r < frac(|x| 2^24) * 2^16 (float arithmetic, exact). NaN and +-inf are stored as bf16_store / f16_store do. */
+static inline uint16_t bf16_store_sr(float x, uint32_t r) {
+    const uint32_t u = f32_to_bits(x);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return bf16_store(x); /* NaN */
+    return (uint16_t)((u + r) >> 16); /* (+-inf + r stays inf: only the dropped mantissa bits change) */
+}
+static inline uint16_t f16_store_sr(float x, uint32_t r) {
+    const uint32_t u = f32_to_bits(x), a = u & 0x7fffffffu;
+    const uint16_t sign = (uint16_t)((u >> 16) & 0x8000u);
+    if (a >= 0x7f800000u) return f16_store(x); /* NaN, +-inf */
+    if (a < 0x38800000u) {                     /* |x| < 2^-14: k or k + 1 steps of 2^-24 (k + 1 = 1024: 2^-14) */
+        const float sv = bits_to_f32(a) * 16777216.0f, k = floorf(sv);
+        return sign | (uint16_t)((uint32_t)k + ((float)r < (sv - k) * 65536.0f));
+    }
+    const uint32_t y = (a + (r >> 3)) & 0xffffe000u;
+    if (y > 0x477fe000u) return sign | 0x7c00u; /* past 65504: inf */
+    return sign | (uint16_t)((y - (112u << 23)) >> 13);
+}
 
 /* ---------------------------------------------------------------- the two maps (see _quant.py)
  * m: sign + E3M4 (bias 7) magnitude in an int8; s = sqrt(f): E4M4 (bias 15) in a uint8. VMAX = 1.9375 for both.
@@ -192,6 +221,8 @@ static inline uint32_t sr_bits32(uint32_t i, uint32_t seed) {
     const uint32_t h = lowbias32((((i >> 5) << 4) | (i & 15u)) ^ seed);
     return (i & 16u) ? h << 16 : h & 0xffff0000u;
 }
+/* the same 16 bits as a number in [0, 2^16) (the stochastic stores of 16-bit params) */
+static inline uint32_t sr_bits16(uint32_t i, uint32_t seed) { return sr_bits32(i, seed) >> 16; }
 /* the f map with stochastic rounding in the normal range: the 19 mantissa bits below the kept 4 plus a uniform
    integer in [0, 2^19) (r >> 13), truncated, and the rebias (a multiple of 2^19) folded in; subnormals round up */
 static inline int32_t enc_e4m4_sr(float u, uint32_t r) {
@@ -202,19 +233,42 @@ static inline int32_t enc_e4m4_sr(float u, uint32_t r) {
     return q > 255 ? 255 : q;
 }
 static inline int32_t enc_e4m4_sr_any(float u, uint32_t r) { return u == u ? enc_e4m4_sr(u, r) : 0; }
+/* the m map with stochastic rounding in its subnormal range (u < 2^-6, a grid of step 2^-10): (floor(u 2^26) +
+   (r >> 16)) >> 16, up with probability equal to the fraction of a step truncated to 16 bits, so that an m whose
+   gradient stopped decays to 0 (see _quant.py); the normal range to nearest even (enc_e3m4). r: sr_bits32 with m's
+   own seed. (The integer conversion only sees u below 2^-6.) */
+static inline int32_t enc_e3m4_sr(float u, uint32_t r) {
+    const int sub = u < 0.015625f;
+    const float us = sub ? u : 0.0f;
+    const int32_t sq = (int32_t)(((uint32_t)(us * 67108864.0f) + (r >> 16)) >> 16);
+    return sub ? sq : enc_e3m4(u);
+}
+static inline int32_t enc_e3m4_sr_any(float u, uint32_t r) { return u == u ? enc_e3m4_sr(u, r) : 0; }
+/* The f map's largest block maximum, _quant.F_MAX_S = 2^63: s^2 stays finite. An s beyond it (a gradient whose
+   square overflows float32 makes s = inf) is stored as code 255 of a block of scale 2^63 / VMAX instead of making the
+   scale inf (and the block NaN at the next step); a NaN maximum stays NaN. */
+#define F_MAX_S 9.223372036854775808e18f
+static inline float clamp_s_max(float as) { return as > F_MAX_S ? F_MAX_S : as; }
 static inline float nan_max(float a, float x) { return (x > a || x != x) ? x : a; }
 
 /* ---------------------------------------------------------------- per tensor scalars */
 
 typedef struct {
     float gmul, bh, omb, eps_hat, inv_kg, inv_kw, p, b1, omb1, neg_lr, wd;
-    int p_half, want_w, finite;
-    uint32_t seed; /* f's stochastic rounding: r = sr_bits32(element index, seed) */
+    int p_half, want_w, finite, rmode;
+    uint32_t seed;  /* f's stochastic rounding: r = sr_bits32(element index, seed) */
+    uint32_t mseed; /* m's stochastic rounding (its subnormal range), the same way */
+    uint32_t pseed; /* a 16-bit param's stochastic store: sr_bits16(element index, pseed) */
 } tscal;
 
+/* seeds: 3 rows of n, f's codes (_quant.sr_seeds), m's codes and the param's stochastic store
+   (_rounding.rounding_seeds with KIND_EXP_AVG and KIND_PARAM) */
 static void scalars(tscal *s, const fadam8_hparams *hp, const double *sums, int64_t n, int64_t i, double lnumel,
-                    double bh, int64_t seed, int phase) {
-    s->seed = (uint32_t)seed;
+                    double bh, const int64_t *seeds, int phase) {
+    s->seed = (uint32_t)seeds[i];
+    s->mseed = (uint32_t)seeds[n + i];
+    s->pseed = (uint32_t)seeds[2 * n + i];
+    s->rmode = hp->round_mode;
     const double inv_scale = hp->has_grad_scale ? 1.0 / hp->grad_scale : 1.0;
     s->gmul = (float)(hp->maximize ? -inv_scale : inv_scale);
     s->bh = (float)bh;
@@ -260,18 +314,19 @@ static void combine_sums(int phase, int64_t i, int64_t c0, int64_t c1, const dou
 }
 
 /* A block's codes where its values may be NaN or its maxima inf (the rare path of pass C, see the header): the
-   maxima taken again with NaN propagation into *amax_m, *amax_s, then NaN-safe encoding. ib: the block's first
-   element index (element j's rounding bits are sr_bits32(ib + j, seed)). */
+   maxima taken again with NaN propagation into *amax_m, *amax_s (clamped to F_MAX_S), then NaN-safe encoding. ib:
+   the block's first element index (element j's rounding bits are sr_bits32(ib + j, seed) for f, with mseed for m). */
 static void encode_block_any(int8_t *mc, uint8_t *fc, const float *mbuf, const float *sbuf, int64_t len, uint32_t ib,
-                             uint32_t seed, float *amax_m, float *amax_s) {
+                             uint32_t seed, uint32_t mseed, float *amax_m, float *amax_s) {
     float am = 0.0f, as = 0.0f;
     for (int64_t j = 0; j < len; ++j) {
         am = nan_max(am, fabsf(mbuf[j]));
         as = nan_max(as, sbuf[j]);
     }
+    as = clamp_s_max(as);
     const float im = am > 0.0f ? VMAX / am : 0.0f, is = as > 0.0f ? VMAX / as : 0.0f;
     for (int64_t j = 0; j < len; ++j) {
-        int32_t q = enc_e3m4_any(fabsf(mbuf[j]) * im);
+        int32_t q = enc_e3m4_sr_any(fabsf(mbuf[j]) * im, sr_bits32(ib + (uint32_t)j, mseed));
         mc[j] = (int8_t)(mbuf[j] < 0.0f ? -q : q);
         fc[j] = (uint8_t)enc_e4m4_sr_any(sbuf[j] * is, sr_bits32(ib + (uint32_t)j, seed));
     }
@@ -487,12 +542,13 @@ static inline __m512i lowbias32_16(__m512i x) {
     x = _mm512_mullo_epi32(x, i1(0x846ca68bu));
     return _mm512_xor_si512(x, _mm512_srli_epi32(x, 16));
 }
-/* the codes of 16 values under mask k: m (enc_e3m4 of |m| * inv_m, signed) and s (enc_e4m4_sr of s * inv_s with the
+/* the codes of 16 values under mask k: m (enc_e3m4_sr of |m| * inv_m with the rounding bits rm, 16 bits per lane
+   as numbers, i.e. sr_bits32 >> 16; enc_e3m4 where m_sr is 0; signed) and s (enc_e4m4_sr of s * inv_s with the
    rounding bits r, see sr_bits32). The caller guarantees a finite inv_m: then |m| * inv_m <= VMAX (1 + 2^-23), whose
    code is 127, so m's codes need no clamp; s's do (its stochastic rounding can carry a value just above VMAX up). */
 static inline __attribute__((always_inline)) void c_encode(int8_t *mc, uint8_t *fc, const float *mbuf,
                                                            const float *sbuf, __mmask16 k, __m512 inv_m, __m512 inv_s,
-                                                           __m512i r) {
+                                                           __m512i r, const int m_sr, __m512i rm) {
     __m512 mv = _mm512_loadu_ps(mbuf);
     __m512 u = _mm512_mul_ps(_mm512_abs_ps(mv), inv_m);
     __m512i bits = _mm512_castps_si512(u);
@@ -506,6 +562,10 @@ static inline __attribute__((always_inline)) void c_encode(int8_t *mc, uint8_t *
     cb = _mm512_add_epi32(cb, i1((19u << 23) + 64u));
     __m512i q = _mm512_castps_si512(_mm512_add_ps(u, _mm512_castsi512_ps(cb)));
     q = _mm512_add_epi32(q, _mm512_srli_epi32(q, 19));
+    if (m_sr) { /* the subnormal codes (u < 2^-6) stochastically: (floor(u 2^26) + rm) >> 16 (u 2^26 < 2^27: exact) */
+        const __m512i fx = _mm512_cvttps_epi32(_mm512_mul_ps(u, v1(67108864.0f)));
+        q = _mm512_mask_srli_epi32(q, _mm512_cmp_ps_mask(u, v1(0.015625f), _CMP_LT_OQ), _mm512_add_epi32(fx, rm), 16);
+    }
     q = _mm512_mask_sub_epi32(q, _mm512_cmp_ps_mask(mv, _mm512_setzero_ps(), _CMP_LT_OQ), _mm512_setzero_si512(), q);
     _mm512_mask_cvtepi32_storeu_epi8(mc, k, q);
     /* enc_e4m4_sr: normal codes (bits + (r >> 13) - rebias) >> 19; subnormal codes ceil(u * 2^18), as the bits of
@@ -526,35 +586,42 @@ typedef struct {
     __m512 inv_m, inv_s;
     float amax_m, amax_s;
 } pending_codes;
-/* encoding vector j of the pending block alone, under mask k (see sr_bits32 for r; iseed = iota ^ seed) */
+/* encoding vector j of the pending block alone, under mask k (see sr_bits32 for r; is = iota ^ seed of f and of m) */
+typedef struct {
+    __m512i f, m;
+} iseeds;
 static inline __attribute__((always_inline)) void enc_vec(int8_t *mc, uint8_t *fc, const pending_codes *pe,
-                                                          int64_t j, __mmask16 k, __m512i iseed) {
+                                                          int64_t j, __mmask16 k, iseeds is) {
     const uint32_t i0 = (uint32_t)(pe->blo + j); /* a multiple of 16 */
-    const __m512i h = lowbias32_16(_mm512_xor_si512(i1((i0 >> 5) << 4), iseed));
+    const __m512i h = lowbias32_16(_mm512_xor_si512(i1((i0 >> 5) << 4), is.f));
     const __m512i r = (i0 & 16u) ? _mm512_slli_epi32(h, 16) : _mm512_and_si512(h, i1(0xffff0000u));
-    c_encode(mc + i0, fc + i0, pe->mbuf + j, pe->sbuf + j, k, pe->inv_m, pe->inv_s, r);
+    const __m512i hm = lowbias32_16(_mm512_xor_si512(i1((i0 >> 5) << 4), is.m));
+    const __m512i rm = (i0 & 16u) ? _mm512_and_si512(hm, i1(0xffffu)) : _mm512_srli_epi32(hm, 16);
+    c_encode(mc + i0, fc + i0, pe->mbuf + j, pe->sbuf + j, k, pe->inv_m, pe->inv_s, r, 1, rm);
 }
-/* encoding vectors j and j + 16 of the pending block, whole, element index of j a multiple of 32: one hash */
+/* encoding vectors j and j + 16 of the pending block, whole, element index of j a multiple of 32: one hash each for
+   f and m */
 static inline __attribute__((always_inline)) void enc_pair(int8_t *mc, uint8_t *fc, const pending_codes *pe,
-                                                           int64_t j, __m512i iseed) {
+                                                           int64_t j, iseeds is) {
     const uint32_t i0 = (uint32_t)(pe->blo + j);
-    const __m512i h = lowbias32_16(_mm512_xor_si512(i1(i0 >> 1), iseed));
+    const __m512i h = lowbias32_16(_mm512_xor_si512(i1(i0 >> 1), is.f));
+    const __m512i hm = lowbias32_16(_mm512_xor_si512(i1(i0 >> 1), is.m));
     const __mmask16 all = (__mmask16)0xFFFF;
     c_encode(mc + i0, fc + i0, pe->mbuf + j, pe->sbuf + j, all, pe->inv_m, pe->inv_s,
-             _mm512_and_si512(h, i1(0xffff0000u)));
+             _mm512_and_si512(h, i1(0xffff0000u)), 1, _mm512_srli_epi32(hm, 16));
     c_encode(mc + i0 + 16, fc + i0 + 16, pe->mbuf + j + 16, pe->sbuf + j + 16, all, pe->inv_m, pe->inv_s,
-             _mm512_slli_epi32(h, 16));
+             _mm512_slli_epi32(h, 16), 1, _mm512_and_si512(hm, i1(0xffffu)));
 }
 /* the pending block's encoding from vector w (one whose element index is a multiple of 16) to its end: pairs where
    aligned to 32 elements, a vector alone before and after them, the partial last one under a mask */
 static inline __attribute__((always_inline)) void enc_rest(int8_t *mc, uint8_t *fc, const pending_codes *pe,
-                                                           int64_t w, __m512i iseed) {
+                                                           int64_t w, iseeds is) {
     const int64_t pf = pe->len / 16;
     const __mmask16 all = (__mmask16)0xFFFF;
-    if (w < pf && ((pe->blo + 16 * w) & 31) != 0) enc_vec(mc, fc, pe, 16 * w++, all, iseed);
-    for (; w + 2 <= pf; w += 2) enc_pair(mc, fc, pe, 16 * w, iseed);
-    if (w < pf) enc_vec(mc, fc, pe, 16 * w++, all, iseed);
-    if (16 * pf < pe->len) enc_vec(mc, fc, pe, 16 * pf, lanes(pe->len - 16 * pf), iseed);
+    if (w < pf && ((pe->blo + 16 * w) & 31) != 0) enc_vec(mc, fc, pe, 16 * w++, all, is);
+    for (; w + 2 <= pf; w += 2) enc_pair(mc, fc, pe, 16 * w, is);
+    if (w < pf) enc_vec(mc, fc, pe, 16 * w++, all, is);
+    if (16 * pf < pe->len) enc_vec(mc, fc, pe, 16 * pf, lanes(pe->len - 16 * pf), is);
 }
 /* the update of the block [blo, blo + len), software-pipelined as pass B's (stage 1 of vectors v + 2, v + 3 before
    stage 2 of v, v + 1), and interleaved with the encoding of the previous block's codes (*pe, len 0 if none), two
@@ -563,7 +630,7 @@ static inline __attribute__((always_inline)) void c_block(float *th, const float
                                                           int64_t blo, int64_t len, __m512 ms_old, __m512 fs_old,
                                                           const cvec *c, const int dn, const int want_w, const int ug,
                                                           const int kg1, float *mbuf, float *sbuf, __m512 *vam,
-                                                          __m512 *vas, const pending_codes *pe, __m512i iseed) {
+                                                          __m512 *vas, const pending_codes *pe, iseeds iseed) {
     const int64_t nf = len / 16, pf = pe->len / 16;
     const __mmask16 all = (__mmask16)0xFFFF;
     int64_t v = 0, w = 0;
@@ -610,8 +677,8 @@ static void pass_c_simd(float *th, const float *g, int8_t *mc, uint8_t *fc, floa
     const cvec c = {v1(s->gmul), v1(s->bh),     v1(s->omb),  v1(s->eps_hat), v1(1.0f), v1(s->inv_kg),
                     v1(s->inv_kw), v1(s->b1), v1(s->omb1), v1(s->neg_lr),  v1(s->wd)};
     const int dn = dn_ok();
-    const __m512i iseed = _mm512_xor_si512(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
-                                           i1(s->seed)); /* iota ^ seed (see enc_vec) */
+    const __m512i iota = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+    const iseeds iseed = {_mm512_xor_si512(iota, i1(s->seed)), _mm512_xor_si512(iota, i1(s->mseed))}; /* see enc_vec */
     const int flags = simd_flags_c(s);
     pending_codes pe = {0, 0, 0, NULL, NULL, _mm512_setzero_ps(), _mm512_setzero_ps(), 0.0f, 0.0f};
     int slot = 0;
@@ -633,10 +700,11 @@ static void pass_c_simd(float *th, const float *g, int8_t *mc, uint8_t *fc, floa
         }
 #undef C_CASE
         if (pe.len > 0) finish_pending(&pe, msc, fsc);
-        float amax_m = _mm512_reduce_max_ps(vam), amax_s = _mm512_reduce_max_ps(vas);
+        float amax_m = _mm512_reduce_max_ps(vam), amax_s = clamp_s_max(_mm512_reduce_max_ps(vas));
         /* the rare path: a NaN possible, a maximum overflowed, or one so small (subnormal) that VMAX / amax_m is inf */
         if (!s->finite || !(amax_m <= 3.4e38f && amax_s <= 3.4e38f) || (amax_m > 0.0f && amax_m < FLT_MIN)) {
-            encode_block_any(mc + blo, fc + blo, mbuf, sbuf, len, (uint32_t)blo, s->seed, &amax_m, &amax_s);
+            encode_block_any(mc + blo, fc + blo, mbuf, sbuf, len, (uint32_t)blo, s->seed, s->mseed, &amax_m,
+                             &amax_s);
             msc[blk] = amax_m / VMAX;
             fsc[blk] = amax_s / VMAX;
         } else {
@@ -680,7 +748,7 @@ static inline int simd_applies(const float *fsc, int64_t bs, const tscal *s) {
 #define TRY_SIMD_C_f16(...) 0
 
 /* ---------------------------------------------------------------- passes, per param storage type */
-#define DEFINE_PASSES(NAME, PT, LDP, STP)                                                                           \
+#define DEFINE_PASSES(NAME, PT, LDP, STP, SRP, ROUNDS)                                                              \
     static double pass_a_##NAME(const PT *g, int64_t lo, int64_t hi, float gmul) {                                  \
         double s = 0.0;                                                                                             \
         if (TRY_SIMD_A_##NAME(g, lo, hi, gmul, &s)) return s;                                                       \
@@ -691,10 +759,12 @@ static inline int simd_applies(const float *fsc, int64_t bs, const tscal *s) {
         return s;                                                                                                   \
     }                                                                                                               \
     /* elements [lo, hi) of one block (8-bit: scale sc, or sc * 2^112 when dn) or of an fp32-state range: the       \
-       sums of (g/D)^2 and (theta/D)^2 added to ab[0], ab[1]; f_old is the decoded s squared or the float state */  \
+       sums of (g/D)^2 and (theta/D)^2 added to ab[0], ab[1]; f_old is the decoded s squared or the float state;   \
+       kahan: theta = param + comp */                                                                               \
     static inline __attribute__((always_inline)) void pass_b_range_##NAME(                                          \
-        const PT *th, const PT *g, const void *fstate, float sc, int64_t lo, int64_t hi, const tscal *s,            \
-        const int quant, const int p_half, const int want_w, const int dn, double *ab) {                            \
+        const PT *th, const PT *cp, const PT *g, const void *fstate, float sc, int64_t lo, int64_t hi,              \
+        const tscal *s, const int quant, const int p_half, const int want_w, const int dn, const int kahan,         \
+        double *ab) {                                                                                               \
         double a = 0.0, b = 0.0;                                                                                    \
         const float gmul = s->gmul, bh = s->bh, omb = s->omb, eps_hat = s->eps_hat, p = s->p;                       \
         _Pragma("omp simd reduction(+:a,b)") for (int64_t i = lo; i < hi; ++i) {                                    \
@@ -712,7 +782,9 @@ static inline int simd_applies(const float *fsc, int64_t bs, const tscal *s) {
             float nb = gv * rd;                                                                                     \
             SQ_ADD(a, nb);                                                                                          \
             if (want_w) {                                                                                           \
-                float w = LDP(th[i]) * rd;                                                                          \
+                float t = LDP(th[i]);                                                                               \
+                if (kahan) t += LDP(cp[i]);                                                                         \
+                float w = t * rd;                                                                                   \
                 SQ_ADD(b, w);                                                                                       \
             }                                                                                                       \
         }                                                                                                           \
@@ -723,47 +795,72 @@ static inline int simd_applies(const float *fsc, int64_t bs, const tscal *s) {
        through float32 subnormals (dn, scale folded with 2^112, the same products) when the CPU allows it and the   \
        folded scale is finite */                                                                                    \
     static inline __attribute__((always_inline)) void pass_b_impl_##NAME(                                           \
-        const PT *th, const PT *g, const void *fstate, const float *fsc, int64_t bs, int64_t lo, int64_t hi,        \
-        const tscal *s, const int quant, const int p_half, const int want_w, const int dn, double *out) {           \
+        const PT *th, const PT *cp, const PT *g, const void *fstate, const float *fsc, int64_t bs, int64_t lo,      \
+        int64_t hi, const tscal *s, const int quant, const int p_half, const int want_w, const int dn,              \
+        const int kahan, double *out) {                                                                             \
         double ab[2] = {0.0, 0.0};                                                                                  \
         if (!quant) {                                                                                               \
-            pass_b_range_##NAME(th, g, fstate, 0.0f, lo, hi, s, 0, p_half, want_w, 0, ab);                          \
+            pass_b_range_##NAME(th, cp, g, fstate, 0.0f, lo, hi, s, 0, p_half, want_w, 0, kahan, ab);               \
         } else {                                                                                                    \
             for (int64_t blo = lo; blo < hi; blo += bs) {                                                           \
                 const int64_t bhi = blo + bs < hi ? blo + bs : hi;                                                  \
                 const float sc = fsc[blo / bs];                                                                     \
                 if (dn && sc * 0x1p112f <= FLT_MAX)                                                                 \
-                    pass_b_range_##NAME(th, g, fstate, sc * 0x1p112f, blo, bhi, s, 1, p_half, want_w, 1, ab);       \
+                    pass_b_range_##NAME(th, cp, g, fstate, sc * 0x1p112f, blo, bhi, s, 1, p_half, want_w, 1, kahan, \
+                                        ab);                                                                        \
                 else                                                                                                \
-                    pass_b_range_##NAME(th, g, fstate, sc, blo, bhi, s, 1, p_half, want_w, 0, ab);                  \
+                    pass_b_range_##NAME(th, cp, g, fstate, sc, blo, bhi, s, 1, p_half, want_w, 0, kahan, ab);       \
             }                                                                                                       \
         }                                                                                                           \
         out[0] = ab[0];                                                                                             \
         out[1] = ab[1];                                                                                             \
     }                                                                                                               \
-    static void pass_b_##NAME(const PT *th, const PT *g, const void *fstate, const float *fsc, int64_t bs,          \
-                              int64_t lo, int64_t hi, const tscal *s, double *out) {                                \
-        if (TRY_SIMD_B_##NAME(th, g, fstate, fsc, bs, lo, hi, s, out)) return;                                      \
+    static inline __attribute__((always_inline)) void pass_b_cases_##NAME(                                          \
+        const PT *th, const PT *cp, const PT *g, const void *fstate, const float *fsc, int64_t bs, int64_t lo,      \
+        int64_t hi, const tscal *s, const int kahan, double *out) {                                                 \
         const int q = fsc != NULL;                                                                                  \
         const int dn = q && dn_ok();                                                                                \
         if (q && s->p_half && s->want_w) {                                                                          \
-            if (dn) pass_b_impl_##NAME(th, g, fstate, fsc, bs, lo, hi, s, 1, 1, 1, 1, out);                         \
-            else pass_b_impl_##NAME(th, g, fstate, fsc, bs, lo, hi, s, 1, 1, 1, 0, out);                            \
+            if (dn) pass_b_impl_##NAME(th, cp, g, fstate, fsc, bs, lo, hi, s, 1, 1, 1, 1, kahan, out);              \
+            else pass_b_impl_##NAME(th, cp, g, fstate, fsc, bs, lo, hi, s, 1, 1, 1, 0, kahan, out);                 \
         } else if (q && s->p_half) {                                                                                \
-            if (dn) pass_b_impl_##NAME(th, g, fstate, fsc, bs, lo, hi, s, 1, 1, 0, 1, out);                         \
-            else pass_b_impl_##NAME(th, g, fstate, fsc, bs, lo, hi, s, 1, 1, 0, 0, out);                            \
-        } else if (q) pass_b_impl_##NAME(th, g, fstate, fsc, bs, lo, hi, s, 1, 0, s->want_w, 0, out);               \
-        else pass_b_impl_##NAME(th, g, fstate, fsc, bs, lo, hi, s, 0, s->p_half, s->want_w, 0, out);                \
+            if (dn) pass_b_impl_##NAME(th, cp, g, fstate, fsc, bs, lo, hi, s, 1, 1, 0, 1, kahan, out);              \
+            else pass_b_impl_##NAME(th, cp, g, fstate, fsc, bs, lo, hi, s, 1, 1, 0, 0, kahan, out);                 \
+        } else if (q) pass_b_impl_##NAME(th, cp, g, fstate, fsc, bs, lo, hi, s, 1, 0, s->want_w, 0, kahan, out);    \
+        else pass_b_impl_##NAME(th, cp, g, fstate, fsc, bs, lo, hi, s, 0, s->p_half, s->want_w, 0, kahan, out);     \
+    }                                                                                                               \
+    static void pass_b_##NAME(const PT *th, const PT *cp, const PT *g, const void *fstate, const float *fsc,        \
+                              int64_t bs, int64_t lo, int64_t hi, const tscal *s, double *out) {                    \
+        if (TRY_SIMD_B_##NAME(th, g, fstate, fsc, bs, lo, hi, s, out)) return;                                      \
+        /* (Kahan only for 16-bit params: ROUNDS is 0 for fp32, whose store is exact) */                            \
+        if (ROUNDS && s->rmode == PARAM_KAHAN) pass_b_cases_##NAME(th, cp, g, fstate, fsc, bs, lo, hi, s, 1, out);  \
+        else pass_b_cases_##NAME(th, cp, g, fstate, fsc, bs, lo, hi, s, 0, out);                                    \
+    }                                                                                                               \
+    /* the param's store of theta_new at element i by rmode (a compile-time constant at every call): to nearest,    \
+       stochastically (its own bits), or Kahan (theta to nearest, the residual to nearest into cp) */               \
+    static inline __attribute__((always_inline)) void store_param_##NAME(PT *th, PT *cp, int64_t i, float tn,       \
+                                                                         const int rmode, uint32_t pseed) {          \
+        (void)pseed;                                                                                                \
+        if (ROUNDS && rmode == PARAM_STOCHASTIC) {                                                                  \
+            th[i] = SRP(tn, sr_bits16((uint32_t)i, pseed));                                                         \
+        } else if (ROUNDS && rmode == PARAM_KAHAN) {                                                                \
+            const PT st = STP(tn);                                                                                  \
+            th[i] = st;                                                                                             \
+            cp[i] = STP(tn - LDP(st));                                                                              \
+        } else {                                                                                                    \
+            th[i] = STP(tn);                                                                                        \
+        }                                                                                                           \
     }                                                                                                               \
     /* the update of one quantization block [blo, bhi) of an 8-bit tensor */                                        \
     static inline __attribute__((always_inline)) void pass_c_block_##NAME(                                          \
-        PT *th, const PT *g, int8_t *mc, uint8_t *fc, float *msc, float *fsc, int64_t blk, int64_t blo,             \
-        int64_t bhi, const tscal *s, const int p_half, const int want_w, const int dn, float *mbuf,                 \
-        float *sbuf) {                                                                                              \
+        PT *th, PT *cp, const PT *g, int8_t *mc, uint8_t *fc, float *msc, float *fsc, int64_t blk, int64_t blo,     \
+        int64_t bhi, const tscal *s, const int p_half, const int want_w, const int dn, const int rmode,             \
+        float *mbuf, float *sbuf) {                                                                                 \
         const float gmul = s->gmul, bh = s->bh, omb = s->omb, eps_hat = s->eps_hat, p = s->p;                       \
         const float inv_kg = s->inv_kg, inv_kw = s->inv_kw, b1 = s->b1, omb1 = s->omb1;                             \
         const float neg_lr = s->neg_lr, wd = s->wd;                                                                 \
         const uint32_t seed = s->seed, ib = (uint32_t)blo; /* f's rounding bits: sr_bits32(ib + j, seed) */        \
+        const uint32_t pseed = s->pseed, mseed = s->mseed;                                                          \
         /* dn: the codes' float32 subnormal bits times the scales * 2^120 (m) and * 2^112 (s) (finite: the caller   \
            checks), the same products as decode * scale */                                                          \
         const float ms_old = dn ? msc[blk] * 0x1p120f : msc[blk], fs_old = dn ? fsc[blk] * 0x1p112f : fsc[blk];     \
@@ -778,12 +875,13 @@ static inline int simd_applies(const float *fsc, int64_t bs, const tscal *s) {
             float sn = sqrtf(fn);                                                                                   \
             float rd = 1.0f / ((p_half ? sn : powf(fn, p)) + eps_hat);                                              \
             float t = LDP(th[i]);                                                                                   \
+            if (ROUNDS && rmode == PARAM_KAHAN) t += LDP(cp[i]);                                                    \
             float nb = (gv * rd) * inv_kg;                                                                          \
             float mo = (dn ? dec_m_bits(mc[i]) : dec_m(mc[i])) * ms_old;                                            \
             float mn = mo * b1 + nb * omb1;                                                                         \
             float upd = mn;                                                                                         \
             if (want_w) upd = mn + wd * ((t * rd) * inv_kw);                                                        \
-            th[i] = STP(t + upd * neg_lr);                                                                          \
+            store_param_##NAME(th, cp, i, t + upd * neg_lr, rmode, pseed);                                          \
             mbuf[j] = mn;                                                                                           \
             sbuf[j] = sn;                                                                                           \
             float am = fabsf(mn);                                                                                   \
@@ -794,8 +892,9 @@ static inline int simd_applies(const float *fsc, int64_t bs, const tscal *s) {
            only when s->finite is 0, or when its maxima overflowed. A subnormal m maximum takes the same encoder    \
            (as in pass_c_simd): VMAX / amax_m may be inf, and an m of 0 must get code 0 (0 * inf is NaN, which      \
            enc_e3m4_any maps to 0, as the reference does), not enc_e3m4's 127 */                                    \
+        amax_s = clamp_s_max(amax_s);                                                                               \
         if (!s->finite || !(amax_m <= 3.4e38f && amax_s <= 3.4e38f) || (amax_m > 0.0f && amax_m < FLT_MIN)) {       \
-            encode_block_any(mc + blo, fc + blo, mbuf, sbuf, len, ib, seed, &amax_m, &amax_s);                      \
+            encode_block_any(mc + blo, fc + blo, mbuf, sbuf, len, ib, seed, mseed, &amax_m, &amax_s);               \
         } else {                                                                                                    \
             const float inv_m = amax_m > 0.0f ? VMAX / amax_m : 0.0f;                                               \
             const float inv_s = amax_s > 0.0f ? VMAX / amax_s : 0.0f;                                               \
@@ -804,7 +903,7 @@ static inline int simd_applies(const float *fsc, int64_t bs, const tscal *s) {
             const int32_t n32 = (int32_t)len;                                                                       \
             _Pragma("omp simd") for (int32_t j = 0; j < n32; ++j) {                                                 \
                 float mv = mbuf[j];                                                                                 \
-                int32_t q = enc_e3m4(fabsf(mv) * inv_m);                                                            \
+                int32_t q = enc_e3m4_sr(fabsf(mv) * inv_m, sr_bits32(ib + (uint32_t)j, mseed));                     \
                 mcb[j] = (int8_t)(mv < 0.0f ? -q : q);                                                              \
                 fcb[j] = (uint8_t)enc_e4m4_sr(sbuf[j] * inv_s, sr_bits32(ib + (uint32_t)j, seed));               \
             }                                                                                                       \
@@ -812,71 +911,89 @@ static inline int simd_applies(const float *fsc, int64_t bs, const tscal *s) {
         msc[blk] = amax_m / VMAX;                                                                                   \
         fsc[blk] = amax_s / VMAX;                                                                                   \
     }                                                                                                               \
-    static void pass_c_q_##NAME(PT *th, const PT *g, int8_t *mc, uint8_t *fc, float *msc, float *fsc, int64_t bs,   \
-                                int64_t lo, int64_t hi, const tscal *s) {                                           \
-        if (TRY_SIMD_C_##NAME(th, g, mc, fc, msc, fsc, bs, lo, hi, s)) return;                                      \
+    static inline __attribute__((always_inline)) void pass_c_cases_##NAME(                                          \
+        PT *th, PT *cp, const PT *g, int8_t *mc, uint8_t *fc, float *msc, float *fsc, int64_t bs, int64_t lo,       \
+        int64_t hi, const tscal *s, const int rmode) {                                                              \
         float mbuf[MAX_BLOCK], sbuf[MAX_BLOCK];                                                                     \
         const int dn = dn_ok();                                                                                     \
         for (int64_t blo = lo; blo < hi; blo += bs) {                                                               \
-            const int64_t bhi = blo + bs < hi ? blo + bs : hi;                                                      \
-            const int dnb = dn && msc[blo / bs] * 0x1p120f <= FLT_MAX && fsc[blo / bs] * 0x1p112f <= FLT_MAX;       \
+            const int64_t bhi = blo + bs < hi ? blo + bs : hi, b = blo / bs;                                        \
+            const int dnb = dn && msc[b] * 0x1p120f <= FLT_MAX && fsc[b] * 0x1p112f <= FLT_MAX;                     \
             if (s->p_half && s->want_w && dnb)                                                                      \
-                pass_c_block_##NAME(th, g, mc, fc, msc, fsc, blo / bs, blo, bhi, s, 1, 1, 1, mbuf, sbuf);           \
+                pass_c_block_##NAME(th, cp, g, mc, fc, msc, fsc, b, blo, bhi, s, 1, 1, 1, rmode, mbuf, sbuf);       \
             else if (s->p_half && s->want_w)                                                                        \
-                pass_c_block_##NAME(th, g, mc, fc, msc, fsc, blo / bs, blo, bhi, s, 1, 1, 0, mbuf, sbuf);           \
+                pass_c_block_##NAME(th, cp, g, mc, fc, msc, fsc, b, blo, bhi, s, 1, 1, 0, rmode, mbuf, sbuf);       \
             else if (s->p_half && dnb)                                                                              \
-                pass_c_block_##NAME(th, g, mc, fc, msc, fsc, blo / bs, blo, bhi, s, 1, 0, 1, mbuf, sbuf);           \
+                pass_c_block_##NAME(th, cp, g, mc, fc, msc, fsc, b, blo, bhi, s, 1, 0, 1, rmode, mbuf, sbuf);       \
             else if (s->p_half)                                                                                     \
-                pass_c_block_##NAME(th, g, mc, fc, msc, fsc, blo / bs, blo, bhi, s, 1, 0, 0, mbuf, sbuf);           \
+                pass_c_block_##NAME(th, cp, g, mc, fc, msc, fsc, b, blo, bhi, s, 1, 0, 0, rmode, mbuf, sbuf);       \
             else                                                                                                    \
-                pass_c_block_##NAME(th, g, mc, fc, msc, fsc, blo / bs, blo, bhi, s, 0, s->want_w, 0, mbuf, sbuf);   \
+                pass_c_block_##NAME(th, cp, g, mc, fc, msc, fsc, b, blo, bhi, s, 0, s->want_w, 0, rmode, mbuf,      \
+                                    sbuf);                                                                          \
         }                                                                                                           \
     }                                                                                                               \
+    static void pass_c_q_##NAME(PT *th, PT *cp, const PT *g, int8_t *mc, uint8_t *fc, float *msc, float *fsc,       \
+                                int64_t bs, int64_t lo, int64_t hi, const tscal *s) {                               \
+        if (TRY_SIMD_C_##NAME(th, g, mc, fc, msc, fsc, bs, lo, hi, s)) return;                                      \
+        if (ROUNDS && s->rmode == PARAM_STOCHASTIC)                                                                 \
+            pass_c_cases_##NAME(th, cp, g, mc, fc, msc, fsc, bs, lo, hi, s, PARAM_STOCHASTIC);                      \
+        else if (ROUNDS && s->rmode == PARAM_KAHAN)                                                                 \
+            pass_c_cases_##NAME(th, cp, g, mc, fc, msc, fsc, bs, lo, hi, s, PARAM_KAHAN);                           \
+        else                                                                                                        \
+            pass_c_cases_##NAME(th, cp, g, mc, fc, msc, fsc, bs, lo, hi, s, PARAM_NEAREST);                         \
+    }                                                                                                               \
     /* fp32-state tensors (small ones): FAdam's update on float m and f */                                          \
-    static void pass_c_f_##NAME(PT *th, const PT *g, float *m, float *f, int64_t lo, int64_t hi, const tscal *s) {  \
+    static void pass_c_f_##NAME(PT *th, PT *cp, const PT *g, float *m, float *f, int64_t lo, int64_t hi,            \
+                                const tscal *s) {                                                                   \
+        const int rmode = ROUNDS ? s->rmode : PARAM_NEAREST;                                                        \
         for (int64_t i = lo; i < hi; ++i) {                                                                         \
             float gv = LDP(g[i]) * s->gmul;                                                                         \
             float fn = f[i] * s->bh + (gv * gv) * s->omb;                                                           \
             float rd = 1.0f / ((s->p_half ? sqrtf(fn) : powf(fn, s->p)) + s->eps_hat);                              \
             float t = LDP(th[i]);                                                                                   \
+            if (rmode == PARAM_KAHAN) t += LDP(cp[i]);                                                              \
             float nb = (gv * rd) * s->inv_kg;                                                                       \
             float mn = m[i] * s->b1 + nb * s->omb1;                                                                 \
             float upd = mn;                                                                                         \
             if (s->want_w) upd = mn + s->wd * ((t * rd) * s->inv_kw);                                               \
             f[i] = fn;                                                                                              \
             m[i] = mn;                                                                                              \
-            th[i] = STP(t + upd * s->neg_lr);                                                                       \
+            if (rmode == PARAM_STOCHASTIC) store_param_##NAME(th, cp, i, t + upd * s->neg_lr, 1, s->pseed);         \
+            else if (rmode == PARAM_KAHAN) store_param_##NAME(th, cp, i, t + upd * s->neg_lr, 2, s->pseed);         \
+            else store_param_##NAME(th, cp, i, t + upd * s->neg_lr, 0, s->pseed);                                   \
         }                                                                                                           \
     }                                                                                                               \
                                                                                                                     \
     static void run_chunk_##NAME(int phase, int64_t c, const int64_t *ctid, const int64_t *cstart, int64_t cs,      \
-                                 void *const *params, void *const *grads, void *const *ms, void *const *fs,         \
-                                 float *const *msc, float *const *fsc, const int64_t *numels,                       \
+                                 void *const *params, void *const *comps, void *const *grads, void *const *ms,      \
+                                 void *const *fs, float *const *msc, float *const *fsc, const int64_t *numels,      \
                                  const double *lnumels, const double *bhat, const int64_t *seeds,                   \
                                  const double *sums, int64_t n,                                                     \
                                  const fadam8_hparams *hp, double *part) {                                          \
         const int64_t i = ctid[c], lo = cstart[c];                                                                  \
         const int64_t hi = lo + cs < numels[i] ? lo + cs : numels[i];                                               \
         tscal s;                                                                                                    \
-        scalars(&s, hp, sums, n, i, lnumels[i], bhat[i], seeds[i], phase);                                          \
+        scalars(&s, hp, sums, n, i, lnumels[i], bhat[i], seeds, phase);                                             \
         PT *th = (PT *)params[i];                                                                                   \
+        PT *cp = (PT *)comps[i]; /* Kahan's compensation (NULL unless round_mode is PARAM_KAHAN) */                 \
         const PT *g = (const PT *)grads[i];                                                                         \
         if (phase == 1) {                                                                                           \
             part[2 * c] = pass_a_##NAME(g, lo, hi, s.gmul);                                                         \
         } else if (phase == 2) {                                                                                    \
-            pass_b_##NAME(th, g, fs[i], fsc[i], hp->block_size, lo, hi, &s, part + 2 * c);                          \
+            pass_b_##NAME(th, cp, g, fs[i], fsc[i], hp->block_size, lo, hi, &s, part + 2 * c);                      \
         } else if (fsc[i] != NULL) {                                                                                \
-            pass_c_q_##NAME(th, g, (int8_t *)ms[i], (uint8_t *)fs[i], msc[i], fsc[i], hp->block_size, lo, hi, &s);  \
+            pass_c_q_##NAME(th, cp, g, (int8_t *)ms[i], (uint8_t *)fs[i], msc[i], fsc[i], hp->block_size, lo, hi,   \
+                            &s);                                                                                    \
         } else {                                                                                                    \
-            pass_c_f_##NAME(th, g, (float *)ms[i], (float *)fs[i], lo, hi, &s);                                     \
+            pass_c_f_##NAME(th, cp, g, (float *)ms[i], (float *)fs[i], lo, hi, &s);                                 \
         }                                                                                                           \
     }                                                                                                               \
                                                                                                                     \
-    int hf_fadam8_step_##NAME(int64_t n, void *const *params, void *const *grads, void *const *ms,                  \
-                              void *const *fs, float *const *msc, float *const *fsc, const int64_t *numels,         \
-                              const double *lnumels, const double *bhat, const int64_t *seeds, double *sums,        \
-                              const fadam8_hparams *hp,                                                             \
-                              int phase, int nthreads) {                                                            \
+    int hf_fadam8_step_##NAME(int64_t n, void *const *params, void *const *comps, void *const *grads,              \
+                              void *const *ms, void *const *fs, float *const *msc, float *const *fsc,               \
+                              const int64_t *numels, const double *lnumels, const double *bhat,                     \
+                              const int64_t *seeds, double *sums, const fadam8_hparams *hp, int phase,              \
+                              int nthreads) {                                                                       \
         const int64_t bs = hp->block_size;                                                                          \
         if (bs < 1 || bs > MAX_BLOCK) return -1;                                                                    \
         const int64_t cs = (CHUNK_TARGET + bs - 1) / bs * bs;                                                       \
@@ -911,8 +1028,8 @@ static inline int simd_applies(const float *fsc, int64_t bs, const tscal *s) {
         _Pragma("omp parallel num_threads(nthreads)") {                                                             \
             for (int ph = first; ph <= last; ++ph) {                                                                \
                 _Pragma("omp for schedule(dynamic, 1)") for (int64_t c = 0; c < nchunks; ++c)                       \
-                    run_chunk_##NAME(ph, c, ctid, cstart, cs, params, grads, ms, fs, msc, fsc, numels, lnumels,     \
-                                     bhat, seeds, sums, n, hp, part);                                               \
+                    run_chunk_##NAME(ph, c, ctid, cstart, cs, params, comps, grads, ms, fs, msc, fsc, numels,      \
+                                     lnumels, bhat, seeds, sums, n, hp, part);                                      \
                 if (ph < 3) {                                                                                       \
                     /* the chunk partials added in chunk order (deterministic); implicit barrier after */           \
                     _Pragma("omp single") for (int64_t i = 0, c = 0; i < n; ++i) {                                  \
@@ -928,34 +1045,42 @@ static inline int simd_applies(const float *fsc, int64_t bs, const tscal *s) {
         return 0;                                                                                                   \
     }
 
-DEFINE_PASSES(f32, float, ID, ID)
-DEFINE_PASSES(bf16, uint16_t, bf16_load, bf16_store)
-DEFINE_PASSES(f16, uint16_t, f16_load, f16_store)
+DEFINE_PASSES(f32, float, ID, ID, ID_SR, 0)
+DEFINE_PASSES(bf16, uint16_t, bf16_load, bf16_store, bf16_store_sr, 1)
+DEFINE_PASSES(f16, uint16_t, f16_load, f16_store, f16_store_sr, 1)
 
 /* test hook: pass C's vector encoder of the m map (c_encode with inv_m = 1) on u >= 0, |u| <= VMAX (1 + 2^-23);
-   codes into q. Returns 0 where this build has no AVX-512 passes (q untouched), else 1. */
-int hf_fadam8_encode_m_simd(const float *u, int8_t *q, int64_t n) {
+   codes into q; sr: its subnormal range stochastically with the bits sr_bits32(i, seed). Returns 0 where this build
+   has no AVX-512 passes (q untouched), else 1. */
+int hf_fadam8_encode_m_simd(const float *u, int8_t *q, int64_t n, int sr, int64_t seed) {
 #if HAVE_SIMD
     uint8_t sink[16];
     const float zeros[16] = {0};
     for (int64_t i = 0; i < n; i += 16) {
         const __mmask16 k = lanes(n - i);
         float buf[16] = {0};
+        uint32_t rm[16];
+        for (int l = 0; l < 16; ++l) rm[l] = sr_bits32((uint32_t)(i + l), (uint32_t)seed) >> 16;
         memcpy(buf, u + i, sizeof(float) * (size_t)(n - i < 16 ? n - i : 16));
-        c_encode(q + i, sink, buf, zeros, k, v1(1.0f), v1(0.0f), _mm512_setzero_si512());
+        if (sr)
+            c_encode(q + i, sink, buf, zeros, k, v1(1.0f), v1(0.0f), _mm512_setzero_si512(), 1,
+                     _mm512_loadu_si512(rm));
+        else
+            c_encode(q + i, sink, buf, zeros, k, v1(1.0f), v1(0.0f), _mm512_setzero_si512(), 0,
+                     _mm512_setzero_si512());
     }
     return 1;
 #else
-    (void)u, (void)q, (void)n;
+    (void)u, (void)q, (void)n, (void)sr, (void)seed;
     return 0;
 #endif
 }
 
-/* test hooks: the maps, element by element; sr: the f map's stochastic rounding with the bits of _quant.sr_bits,
-   r = sr_bits32(i, seed) */
+/* test hooks: the maps, element by element; sr: the map's stochastic rounding (f: its normal range, m: its
+   subnormal range) with the bits of _quant.sr_bits, r = sr_bits32(i, seed) */
 void hf_fadam8_encode(const float *u, int32_t *q, int64_t n, int signed_map, int sr, int64_t seed) {
     for (int64_t i = 0; i < n; ++i)
-        q[i] = signed_map ? enc_e3m4(u[i])
+        q[i] = signed_map ? (sr ? enc_e3m4_sr(u[i], sr_bits32((uint32_t)i, (uint32_t)seed)) : enc_e3m4(u[i]))
                : sr       ? enc_e4m4_sr(u[i], sr_bits32((uint32_t)i, (uint32_t)seed))
                           : enc_e4m4(u[i]);
 }
@@ -964,5 +1089,13 @@ void hf_fadam8_decode(const int32_t *q, float *v, int64_t n, int signed_map) {
     for (int64_t i = 0; i < n; ++i) {
         if (dn) v[i] = signed_map ? dec_m_dn((int8_t)q[i]) : dec_s_dn((uint8_t)q[i]);
         else v[i] = signed_map ? dec_e3m4(q[i]) : dec_s((uint8_t)q[i]);
+    }
+}
+/* test hook: the params' stochastic stores of elements 0 .. n-1 of a tensor with this seed (bf16, or f16 when
+   to_f16), as pass C writes them */
+void hf_fadam8_store_sr(const float *in, uint16_t *out, int64_t n, int to_f16, int64_t seed) {
+    for (int64_t i = 0; i < n; ++i) {
+        const uint32_t r = sr_bits16((uint32_t)i, (uint32_t)seed);
+        out[i] = to_f16 ? f16_store_sr(in[i], r) : bf16_store_sr(in[i], r);
     }
 }

@@ -55,6 +55,14 @@ of tensors, and never reads a value back to the host:
 * AMP: ``grad_scale`` divides g inside every pass (the grads are not modified); when ``found_inf != 0`` every
   program skips its chunk, so nothing is read or written (the caller rolls the steps back).
 * 64-bit offsets throughout (chunk starts and numels are int64), so a tensor may exceed 2**31 elements.
+* **Stores** (:mod:`hf_fadam._rounding`): 16-bit m and f are stored with stochastic rounding (``_round_sr``, bit for
+  bit ``round_stochastic``); a bf16/fp16 param as ``param_rounding`` resolves for its dtype (a launch constant per
+  dtype group): to nearest, stochastically, or Kahan-compensated (θ = param + comp in passes B and C, θ' stored to
+  nearest and the residual to nearest in the compensation buffer, whose addresses are a sixth address row). The
+  seeds are computed per program from the tensor's step count and its stream (a column of the chunk table, part of
+  the plan's key), so no extra launch or host work; the element index is the index in the tensor, so a
+  non-contiguous tensor that rounds stochastically runs on a contiguous copy. Kahan adds 2 B read in B (with
+  λ ≠ 0) and 2 B read + 2 B write in C per parameter to the table below.
 * Dtypes: params, grads, exp_avgs and fishers each fp32, bf16, fp16 or fp64, in any combination
   (:func:`is_supported` is True for every pair); the element math runs in fp32, or fp64 when any of the four is
   fp64 (then the float hyperparameters come from the float64 vector, since Triton passes Python floats as fp32).
@@ -95,6 +103,18 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from .._rounding import (
+    KIND_EXP_AVG,
+    KIND_FISHER,
+    KIND_PARAM,
+    SIXTEEN_BIT,
+    check_param_rounding,
+    resolve_param_rounding,
+)
+
+
+# Whether this kernel stores with hf_fadam._rounding's rules (param_rounding, stochastic 16-bit state).
+SUPPORTS_ROUNDING = True
 
 __all__ = ["fadam_triton_", "is_available", "is_supported", "unavailable_reason"]
 
@@ -218,15 +238,97 @@ if triton is not None:
         return rounded.to(tl.uint16).to(tl.bfloat16, bitcast=True)
 
     @triton.jit
-    def _store(ptr, value, mask, INTERPRET: tl.constexpr):
-        if INTERPRET and ptr.dtype.element_ty == tl.bfloat16:
-            value = _bf16_rne(value)
+    def _rne(value, DT: tl.constexpr, INTERPRET: tl.constexpr):
+        # value rounded to nearest even into DT; into 16 bits through float32, as torch converts (an fp64 value is
+        # rounded twice, like tensor.to(bfloat16) of a float64 tensor)
+        if DT == tl.bfloat16:
+            if INTERPRET:
+                return _bf16_rne(value)
+            else:
+                return value.to(tl.float32).to(tl.bfloat16)
+        elif DT == tl.float16:
+            return value.to(tl.float32).to(tl.float16)
         else:
-            value = value.to(ptr.dtype.element_ty)
+            return value.to(DT)
+
+    @triton.jit
+    def _put(ptr, value, mask):
         if mask is None:
             tl.store(ptr, value)
         else:
             tl.store(ptr, value, mask=mask)
+
+    # ---- stochastic rounding (hf_fadam._rounding): the bits of hf_fadam._quant.sr_bits ------------------------
+
+    _KIND_PARAM = tl.constexpr(KIND_PARAM)
+    _KIND_EXP_AVG = tl.constexpr(KIND_EXP_AVG)
+    _KIND_FISHER = tl.constexpr(KIND_FISHER)
+
+    @triton.jit
+    def _lowbias32(x):
+        # C. Wellons' lowbias32 on uint32 (wrapping multiplies): hf_fadam._quant.lowbias32
+        x = x ^ (x >> 16)
+        x = x * 0x7FEB352D
+        x = x ^ (x >> 15)
+        x = x * 0x846CA68B
+        return x ^ (x >> 16)
+
+    @triton.jit
+    def _sr_bits(i, seed):
+        # the rounding bits of element i (uint32; hf_fadam._quant.sr_bits): one lowbias32 per two elements, i and
+        # i ^ 16, the high half for the first, the low half for the second, on top of 16 zero bits
+        h = _lowbias32((((i >> 5) << 4) | (i & 15)) ^ seed)
+        return tl.where((i & 16) == 0, h & 0xFFFF0000, h << 16)
+
+    @triton.jit
+    def _rounding_seed(stream, step, KIND: tl.constexpr):
+        # hf_fadam._rounding.rounding_seeds of one tensor: lowbias32(lowbias32(stream ^ lowbias32(t)) ^ kind), t the
+        # step count after the step (truncated to an integer, mod 2**32) and stream mod 2**32
+        t = step.to(tl.int64).to(tl.uint32)
+        inner = _lowbias32(stream.to(tl.uint32) ^ _lowbias32(t))
+        return _lowbias32(inner ^ KIND)
+
+    @triton.jit
+    def _round_sr(x, idx, seed, DT: tl.constexpr):
+        # hf_fadam._rounding.round_stochastic of float32 x (element index idx) into DT, bfloat16 or float16, bit for
+        # bit: the 16 random bits added below the kept mantissa and truncated (bf16: 16 bits; fp16: 13 bits in its
+        # normal range, its subnormal grid 2**-24 rounded up with probability frac below 2**-14); a finite x within
+        # range never becomes inf; NaN and inf stay as they are.
+        r = _sr_bits(idx.to(tl.uint32), seed.to(tl.uint32)) >> 16
+        bits = x.to(tl.uint32, bitcast=True)
+        sign = bits & 0x80000000
+        ax = tl.abs(x)
+        if DT == tl.bfloat16:
+            out = ((bits + r) & 0xFFFF0000).to(tl.float32, bitcast=True)
+            fmax = 3.3895313892515355e38
+        else:
+            normal = ((bits + (r >> 3)) & 0xFFFFE000).to(tl.float32, bitcast=True)
+            a = ax * 16777216.0  # float16's subnormal grid as integers (exact)
+            k = tl.floor(a)
+            up = r.to(tl.float32) < (a - k) * 65536.0
+            sub = (k + tl.where(up, 1.0, 0.0)) * 5.9604644775390625e-08
+            sub = (sub.to(tl.uint32, bitcast=True) | sign).to(tl.float32, bitcast=True)
+            out = tl.where(ax < 6.103515625e-05, sub, normal)
+            fmax = 65504.0
+        out = tl.where((tl.abs(out) > fmax) & (ax <= fmax), tl.where(sign != 0, -fmax, fmax), out)
+        finite = ax < float("inf")  # (False for NaN)
+        if DT == tl.bfloat16:
+            # out is exact in bf16 (its low 16 bits are 0): take its top half; a NaN becomes bf16's quiet NaN
+            top = tl.where(finite, out.to(tl.uint32, bitcast=True), bits) >> 16
+            top = tl.where(x != x, 0x7FC0, top)
+            return top.to(tl.uint16).to(tl.bfloat16, bitcast=True)
+        else:
+            return tl.where(finite, out, x).to(tl.float16)  # exact: out is on float16's grid, or beyond its max
+
+    @triton.jit
+    def _store_rounded(ptr, value, mask, idx, seed, DT: tl.constexpr, INTERPRET: tl.constexpr):
+        # a store of state of dtype DT (hf_fadam._rounding): 16 bits stochastically, wider exactly (or to nearest)
+        if DT == tl.bfloat16:
+            _put(ptr, _round_sr(value.to(tl.float32), idx, seed, DT), mask)
+        elif DT == tl.float16:
+            _put(ptr, _round_sr(value.to(tl.float32), idx, seed, DT), mask)
+        else:
+            _put(ptr, _rne(value, DT, INTERPRET), mask)
 
     @triton.jit
     def _div(a, b):
@@ -378,15 +480,27 @@ if triton is not None:
         return g, f_new, denom
 
     @triton.jit
+    def _theta(p_ptr, c_ptr, offs, mask, CDT: tl.constexpr, ROUND_MODE: tl.constexpr):
+        # the step's θ: the stored param, plus its Kahan compensation (ROUND_MODE 2)
+        theta = _load(p_ptr + offs, mask, CDT)
+        if ROUND_MODE == 2:
+            theta = theta + _load(c_ptr + offs, mask, CDT)
+        return theta
+
+    @triton.jit
     def _pass_b(
         meta_ptr, addr_ptr, sums_ptr, scale_ptr, found_ptr, scalars_ptr, n_tensors, n_chunks, n_cols, p,
         G_DT: tl.constexpr, P_DT: tl.constexpr, F_DT: tl.constexpr, S_DT: tl.constexpr, CDT: tl.constexpr,
         HAS_SCALE: tl.constexpr, HAS_FOUND: tl.constexpr, HAS_WD: tl.constexpr, P_MODE: tl.constexpr,
-        INTERPRET: tl.constexpr, ALIGNED: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr,
+        ROUND_MODE: tl.constexpr, INTERPRET: tl.constexpr, ALIGNED: tl.constexpr, CHUNK: tl.constexpr,
+        BLOCK: tl.constexpr,
     ):  # fmt: skip
         tidx, col, start, numel, g_ptr = _chunk(meta_ptr, addr_ptr, n_tensors, n_chunks, 1, G_DT, ALIGNED, CHUNK)
         f_ptr = _addr(addr_ptr, n_tensors, tidx, 3, F_DT, ALIGNED)
         p_ptr = _addr(addr_ptr, n_tensors, tidx, 0, P_DT, ALIGNED)
+        c_ptr = p_ptr
+        if ROUND_MODE == 2:  # kahan: θ = param + its compensation
+            c_ptr = _addr(addr_ptr, n_tensors, tidx, 5, P_DT, ALIGNED)
         start, end, n_full = _extent(start, numel, found_ptr, HAS_FOUND, CHUNK, BLOCK)
         if CDT == tl.float64:  # Python floats arrive as fp32 arguments: take the fp64 copy
             p = tl.load(scalars_ptr + 6)
@@ -407,7 +521,7 @@ if triton is not None:
             nat = _div(g, denom).to(tl.float64)
             acc_g += nat * nat
             if HAS_WD:
-                w = _div(_load(p_ptr + offs, None, CDT), denom).to(tl.float64)
+                w = _div(_theta(p_ptr, c_ptr, offs, None, CDT, ROUND_MODE), denom).to(tl.float64)
                 acc_w += w * w
         offs = start + n_full * BLOCK + tl.arange(0, BLOCK)
         mask = offs < end
@@ -418,7 +532,7 @@ if triton is not None:
         acc_g += tl.where(mask, nat * nat, 0.0)
         tl.atomic_add(sums_ptr + n_cols + col, tl.sum(acc_g, axis=0))
         if HAS_WD:
-            w = _div(_load(p_ptr + offs, mask, CDT), denom).to(tl.float64)
+            w = _div(_theta(p_ptr, c_ptr, offs, mask, CDT, ROUND_MODE), denom).to(tl.float64)
             acc_w += tl.where(mask, w * w, 0.0)
             tl.atomic_add(sums_ptr + 2 * n_cols + col, tl.sum(acc_w, axis=0))
 
@@ -426,26 +540,35 @@ if triton is not None:
 
     @triton.jit
     def _update_block(
-        p_ptr, g_ptr, m_ptr, f_ptr, offs, mask, scale, bh, omb, eps_hat, p, div_g, div_w,
-        lr, beta1, one_minus_beta1, weight_decay,
+        p_ptr, g_ptr, m_ptr, f_ptr, c_ptr, offs, mask, scale, bh, omb, eps_hat, p, div_g, div_w,
+        lr, beta1, one_minus_beta1, weight_decay, seed_p, seed_m, seed_f,
         HAS_SCALE: tl.constexpr, MAXIMIZE: tl.constexpr, HAS_WD: tl.constexpr, CDT: tl.constexpr,
-        P_MODE: tl.constexpr, INTERPRET: tl.constexpr,
+        P_MODE: tl.constexpr, INTERPRET: tl.constexpr, P_DT: tl.constexpr, M_DT: tl.constexpr, F_DT: tl.constexpr,
+        ROUND_MODE: tl.constexpr,
     ):  # fmt: skip
         g, f_new, denom = _denom_block(
             g_ptr, f_ptr, offs, mask, scale, bh, omb, eps_hat, p, HAS_SCALE, CDT, P_MODE, INTERPRET
         )
         if MAXIMIZE:
             g = -g
-        _store(f_ptr + offs, f_new, mask, INTERPRET)
+        _store_rounded(f_ptr + offs, f_new, mask, offs, seed_f, F_DT, INTERPRET)
         nat = _div(_div(g, denom), div_g)
         m = _load(m_ptr + offs, mask, CDT) * beta1 + nat * one_minus_beta1
-        _store(m_ptr + offs, m, mask, INTERPRET)
-        theta = _load(p_ptr + offs, mask, CDT)
+        _store_rounded(m_ptr + offs, m, mask, offs, seed_m, M_DT, INTERPRET)
+        theta = _theta(p_ptr, c_ptr, offs, mask, CDT, ROUND_MODE)
         update = m
         if HAS_WD:
             w = _div(_div(theta, denom), div_w)
             update = m + weight_decay * w
-        _store(p_ptr + offs, theta - lr * update, mask, INTERPRET)
+        theta_new = theta - lr * update
+        if ROUND_MODE == 1:  # stochastic (a 16-bit param)
+            _put(p_ptr + offs, _round_sr(theta_new.to(tl.float32), offs, seed_p, P_DT), mask)
+        elif ROUND_MODE == 2:  # kahan: θ' to nearest, what that dropped into the compensation, to nearest
+            stored = _rne(theta_new, P_DT, INTERPRET)
+            _put(p_ptr + offs, stored, mask)
+            _put(c_ptr + offs, _rne(theta_new - stored.to(CDT), P_DT, INTERPRET), mask)
+        else:
+            _put(p_ptr + offs, _rne(theta_new, P_DT, INTERPRET), mask)
 
     @triton.jit
     def _pass_c(
@@ -453,13 +576,23 @@ if triton is not None:
         lr, beta1, one_minus_beta1, weight_decay, p,
         P_DT: tl.constexpr, G_DT: tl.constexpr, M_DT: tl.constexpr, F_DT: tl.constexpr, S_DT: tl.constexpr,
         CDT: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_FOUND: tl.constexpr, HAS_WD: tl.constexpr,
-        MAXIMIZE: tl.constexpr, P_MODE: tl.constexpr, INTERPRET: tl.constexpr, ALIGNED: tl.constexpr,
-        CHUNK: tl.constexpr, BLOCK: tl.constexpr,
+        MAXIMIZE: tl.constexpr, P_MODE: tl.constexpr, ROUND_MODE: tl.constexpr, INTERPRET: tl.constexpr,
+        ALIGNED: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr,
     ):  # fmt: skip
         tidx, col, start, numel, p_ptr = _chunk(meta_ptr, addr_ptr, n_tensors, n_chunks, 0, P_DT, ALIGNED, CHUNK)
         g_ptr = _addr(addr_ptr, n_tensors, tidx, 1, G_DT, ALIGNED)
         m_ptr = _addr(addr_ptr, n_tensors, tidx, 2, M_DT, ALIGNED)
         f_ptr = _addr(addr_ptr, n_tensors, tidx, 3, F_DT, ALIGNED)
+        c_ptr = p_ptr
+        if ROUND_MODE == 2:
+            c_ptr = _addr(addr_ptr, n_tensors, tidx, 5, P_DT, ALIGNED)
+        # The seeds of this tensor's rounding bits (hf_fadam._rounding.rounding_seeds): its stream (a meta column)
+        # and its step count after the step. A few scalar integer ops per program; unused where nothing rounds.
+        stream = tl.load(meta_ptr + 3 * n_tensors + 2 * n_chunks + tidx)
+        step = tl.load(tl.load(addr_ptr + 4 * n_tensors + tidx).to(tl.pointer_type(S_DT)))
+        seed_p = _rounding_seed(stream, step, _KIND_PARAM)
+        seed_m = _rounding_seed(stream, step, _KIND_EXP_AVG)
+        seed_f = _rounding_seed(stream, step, _KIND_FISHER)
         start, end, n_full = _extent(start, numel, found_ptr, HAS_FOUND, CHUNK, BLOCK)
         if CDT == tl.float64:  # Python floats arrive as fp32 arguments: take the fp64 copies
             lr = tl.load(scalars_ptr + 0)
@@ -477,14 +610,16 @@ if triton is not None:
         for j in tl.range(0, n_full):
             offs = start + j * BLOCK + tl.arange(0, BLOCK)
             _update_block(
-                p_ptr, g_ptr, m_ptr, f_ptr, offs, None, scale, bh, omb, eps_hat, p, div_g, div_w,
-                lr, beta1, one_minus_beta1, weight_decay, HAS_SCALE, MAXIMIZE, HAS_WD, CDT, P_MODE, INTERPRET,
+                p_ptr, g_ptr, m_ptr, f_ptr, c_ptr, offs, None, scale, bh, omb, eps_hat, p, div_g, div_w,
+                lr, beta1, one_minus_beta1, weight_decay, seed_p, seed_m, seed_f, HAS_SCALE, MAXIMIZE, HAS_WD, CDT,
+                P_MODE, INTERPRET, P_DT, M_DT, F_DT, ROUND_MODE,
             )  # fmt: skip
         offs = start + n_full * BLOCK + tl.arange(0, BLOCK)
         mask = offs < end
         _update_block(
-            p_ptr, g_ptr, m_ptr, f_ptr, offs, mask, scale, bh, omb, eps_hat, p, div_g, div_w,
-            lr, beta1, one_minus_beta1, weight_decay, HAS_SCALE, MAXIMIZE, HAS_WD, CDT, P_MODE, INTERPRET,
+            p_ptr, g_ptr, m_ptr, f_ptr, c_ptr, offs, mask, scale, bh, omb, eps_hat, p, div_g, div_w,
+            lr, beta1, one_minus_beta1, weight_decay, seed_p, seed_m, seed_f, HAS_SCALE, MAXIMIZE, HAS_WD, CDT,
+            P_MODE, INTERPRET, P_DT, M_DT, F_DT, ROUND_MODE,
         )  # fmt: skip
 
 
@@ -562,9 +697,11 @@ class _Plan:
 
 
 _CACHE_SIZE = 16
-_META_CACHE: OrderedDict = OrderedDict()  # (device, numels, logical numels, columns, chunk) -> (meta, n_chunks)
+_META_CACHE: OrderedDict = OrderedDict()  # (device, numels, logical numels, columns, chunk, streams) -> (meta, C)
 _PLAN_CACHE: OrderedDict = OrderedDict()  # (static key, grad addresses) -> _Plan
-_STATIC_CACHE: OrderedDict = OrderedDict()  # (addresses but the grads', numels, dtypes, logical numels, config)
+_STATIC_CACHE: OrderedDict = OrderedDict()  # (addresses but the grads', numels, dtypes, logical numels, config,
+#                                             streams, compensation addresses) -> _Static
+_ROUND_MODES = {"nearest": 0, "stochastic": 1, "kahan": 2}  # the kernels' ROUND_MODE of a param store
 _SCALARS_CACHE: OrderedDict = OrderedDict()  # (device, hyperparameters) -> float64 tensor
 _SUMS_CACHE: OrderedDict = OrderedDict()  # (device, columns) -> float64 [3, columns]
 _DATA_PTR = Tensor.data_ptr
@@ -591,9 +728,15 @@ def _to_device(host: Tensor, device: torch.device) -> Tensor:
 
 
 def _meta_table(
-    numels: tuple[int, ...], logical: tuple[int, ...], cols: tuple[int, ...], chunk: int, device: torch.device
+    numels: tuple[int, ...],
+    logical: tuple[int, ...],
+    cols: tuple[int, ...],
+    chunk: int,
+    device: torch.device,
+    streams: tuple[int, ...],
 ) -> tuple[Tensor, int]:
-    """int64 [numels (n) | logical numels (n) | sums columns (n) | chunk's tensor (C) | chunk start (C)], and C."""
+    """int64 [numels (n) | logical numels (n) | sums columns (n) | chunk's tensor (C) | chunk start (C) | streams
+    (n): the tensors' streams of rounding bits, mod 2**32], and C."""
 
     def build():
         sizes = torch.tensor(numels, dtype=torch.int64)
@@ -602,10 +745,11 @@ def _meta_table(
         first = torch.cumsum(counts, 0) - counts
         starts = (torch.arange(tidx.numel(), dtype=torch.int64) - first[tidx]) * chunk
         extra = torch.tensor(logical + cols, dtype=torch.int64)
-        host = torch.cat([sizes, extra, tidx, starts])
+        stream = torch.tensor([s & 0xFFFFFFFF for s in streams], dtype=torch.int64)
+        host = torch.cat([sizes, extra, tidx, starts, stream])
         return _to_device(host, device), tidx.numel()
 
-    return _cache_get(_META_CACHE, (device, numels, logical, cols, chunk), build)
+    return _cache_get(_META_CACHE, (device, numels, logical, cols, chunk, streams), build)
 
 
 def _dense_layout(t: Tensor) -> bool:
@@ -628,9 +772,12 @@ def _same_flat_layout(tensors: tuple[Tensor, ...]) -> bool:
     return _dense_layout(first) and all(t.stride() == first.stride() for t in tensors[1:])
 
 
-def _build_plan(lists, logical, cfg, device, others, grad_addrs) -> tuple[_Plan, _Static | None]:
+def _build_plan(
+    lists, logical, cfg, device, others, grad_addrs, comps, comp_addrs, streams, param_rounding
+) -> tuple[_Plan, _Static | None]:
     """Validate the tensors and build the launch plan; returns it and, when it may be cached (every tensor
-    contiguous), its grad-independent part."""
+    contiguous), its grad-independent part. ``comps``: the Kahan compensation buffers (aligned with the params,
+    None entries) when ``param_rounding`` is "kahan", else None; ``streams``: the tensors' streams or None."""
     params, grads, exp_avgs, fishers, steps = lists
     numels = list(map(_NUMEL, params))
     for name, other in (("grads", grads), ("exp_avgs", exp_avgs), ("fishers", fishers)):
@@ -653,6 +800,16 @@ def _build_plan(lists, logical, cfg, device, others, grad_addrs) -> tuple[_Plan,
             )
     if any(s.numel() != 1 for s in steps):
         raise ValueError("fadam_triton_: every step tensor must have exactly one element")
+    modes = [resolve_param_rounding(param_rounding, t.dtype) for t in params]
+    comps = [None] * len(params) if comps is None else list(comps)
+    for i, (param, mode, comp) in enumerate(zip(params, modes, comps)):
+        if mode != "kahan":
+            comps[i] = None
+        elif comp is None or comp.shape != param.shape or comp.dtype != param.dtype or comp.device != param.device:
+            raise ValueError(
+                f"fadam_triton_: param_rounding='kahan' needs param_comps[{i}], a {param.dtype} tensor shaped like "
+                "its param on its device"
+            )
 
     cacheable = True
     groups: dict[tuple, list] = {}
@@ -660,18 +817,24 @@ def _build_plan(lists, logical, cfg, device, others, grad_addrs) -> tuple[_Plan,
     for col, (param, grad, m, f, step) in enumerate(zip(*lists)):
         if param.numel() == 0:
             continue  # nothing local to update; its sums column stays 0 (a shard may be empty)
-        if not (param.is_contiguous() and grad.is_contiguous() and m.is_contiguous() and f.is_contiguous()):
+        comp = comps[col]
+        tensors = (param, grad, m, f) if comp is None else (param, grad, m, f, comp)
+        if not all(t.is_contiguous() for t in tensors):
             cacheable = False
-            if not _same_flat_layout((param, grad, m, f)):
+            # The random bits of a stochastic store are drawn by the element's index in the tensor's (row-major)
+            # order, which is the flat slot only in a contiguous tensor.
+            random = modes[col] == "stochastic" or m.dtype in SIXTEEN_BIT or f.dtype in SIXTEEN_BIT
+            if not _same_flat_layout(tensors) or (random and not param.is_contiguous()):
                 # Run on contiguous copies, written back after the step.
-                staged = [t.contiguous() for t in (param, grad, m, f)]
-                for dst, src in ((param, staged[0]), (m, staged[2]), (f, staged[3])):
-                    if src is not dst:
+                staged = [t.contiguous() for t in tensors]
+                for dst, src in zip(tensors, staged):
+                    if src is not dst and dst is not grad:
                         write_back.append((dst, src))
                 keep_alive += staged
-                param, grad, m, f = staged
+                param, grad, m, f = staged[:4]
+                comp = None if comp is None else staged[4]
         key = (param.dtype, grad.dtype, m.dtype, f.dtype, step.dtype)
-        groups.setdefault(key, []).append((col, param, grad, m, f, step))
+        groups.setdefault(key, []).append((col, param, grad, m, f, step, comp))
 
     specs = []
     for (p_dt, g_dt, m_dt, f_dt, s_dt), members in groups.items():
@@ -679,16 +842,17 @@ def _build_plan(lists, logical, cfg, device, others, grad_addrs) -> tuple[_Plan,
         cols = tuple(c for c, *_ in members)
         local = tuple(t[1].numel() for t in members)
         sizes = tuple(logical[c] for c in cols) if logical is not None else local
-        meta, n_chunks = _meta_table(local, sizes, cols, cfg.chunk, device)
+        stream = cols if streams is None else tuple(streams[c] for c in cols)
+        meta, n_chunks = _meta_table(local, sizes, cols, cfg.chunk, device, stream)
         specs.append(_GroupSpec((p_dt, g_dt, m_dt, f_dt, s_dt, compute), cols, n_chunks, meta))
     if cacheable:
         static = _Static(tuple(specs), len(params), tuple(numels), tuple(map(_DTYPE, grads)), dev)
-        return _plan_from_static(static, others, grad_addrs, device), static
+        return _plan_from_static(static, others, grad_addrs, comp_addrs, device), static
     # (staged copies: the address tables point to them, not to the lists' tensors)
     by_col = {member[0]: member[1:] for members in groups.values() for member in members}
     built = []
     for spec in specs:
-        addrs = [by_col[c][row].data_ptr() for row in range(5) for c in spec.cols]
+        addrs = [0 if by_col[c][row] is None else by_col[c][row].data_ptr() for row in range(6) for c in spec.cols]
         built.append(_group(spec, addrs, device))
     plan = _Plan(tuple(built), len(params), _any_fp64(specs), tuple(write_back), tuple(keep_alive))
     return plan, None
@@ -699,23 +863,30 @@ def _any_fp64(specs) -> bool:
 
 
 def _group(spec: _GroupSpec, addrs: list[int], device: torch.device) -> _Group:
-    """A launchable group from its spec and its int64 address rows [param | grad | exp_avg | fisher | step]."""
+    """A launchable group from its spec and its int64 address rows [param | grad | exp_avg | fisher | step |
+    compensation (0: none)]."""
     n = len(spec.cols)
-    aligned = not functools.reduce(operator.or_, addrs[: 4 * n]) & 15
+    aligned = (
+        not (functools.reduce(operator.or_, addrs[: 4 * n]) | functools.reduce(operator.or_, addrs[5 * n :])) & 15
+    )
     # (array + frombuffer: a third of torch.tensor(list)'s time; the tensor keeps the array alive)
     addr = _to_device(torch.frombuffer(array.array("q", addrs), dtype=torch.int64), device)
     return _Group(spec.dtypes, n, spec.n_chunks, spec.meta, addr, aligned)
 
 
-def _plan_from_static(static: _Static, others: tuple[int, ...], grad_addrs: tuple[int, ...], device) -> _Plan:
+def _plan_from_static(
+    static: _Static, others: tuple[int, ...], grad_addrs: tuple[int, ...], comp_addrs: tuple[int, ...] | None, device
+) -> _Plan:
     """The plan for these (contiguous) tensors: new address tables on top of a cached grouping. ``others`` are the
-    addresses of params, exp_avgs, fishers and steps (in that order), ``grad_addrs`` the grads'."""
+    addresses of params, exp_avgs, fishers and steps (in that order), ``grad_addrs`` the grads', ``comp_addrs`` the
+    Kahan compensation buffers' (0 for none; None: no buffers)."""
     n = static.n_cols
-    rows = (others[:n], grad_addrs, others[n : 2 * n], others[2 * n : 3 * n], others[3 * n :])
+    comp_addrs = (0,) * n if comp_addrs is None else comp_addrs
+    rows = (others[:n], grad_addrs, others[n : 2 * n], others[2 * n : 3 * n], others[3 * n :], comp_addrs)
     groups = []
     for spec in static.specs:
         if len(spec.cols) == n:  # one group holds every tensor, in order
-            addrs = [*rows[0], *rows[1], *rows[2], *rows[3], *rows[4]]
+            addrs = [*rows[0], *rows[1], *rows[2], *rows[3], *rows[4], *rows[5]]
         else:
             addrs = [row[c] for row in rows for c in spec.cols]
         groups.append(_group(spec, addrs, device))
@@ -770,6 +941,9 @@ def fadam_triton_(
     found_inf: Tensor | None = None,
     numels: Sequence[int] | None = None,
     reduce: Callable[[Tensor], object] | None = None,
+    param_rounding: str = "nearest",
+    param_comps: Sequence[Tensor | None] | None = None,
+    streams: Sequence[int] | None = None,
 ) -> None:
     """One FAdam step over every tensor of the lists, in place, with 3 multi-tensor launches per dtype group.
 
@@ -785,6 +959,11 @@ def fadam_triton_(
     Σ(θ/D)²) after pass B, column i = tensor i of the lists as passed; it must sum them over the shards in place
     (e.g. ``torch.distributed.all_reduce``). The buffer is reused by the next call: a hook must not keep it.
     With ``reduce``, every tensor must be on one device, and it is called even when no local tensor has elements.
+
+    Stores follow :mod:`hf_fadam._rounding`: 16-bit exp_avgs/fishers round stochastically; a bf16/fp16 param is
+    stored as ``param_rounding`` (``"auto"``, ``"nearest"``, ``"stochastic"``, ``"kahan"``) resolves for its dtype,
+    with ``"kahan"`` reading and updating ``param_comps[i]`` (its dtype and shape; None for the other params). The
+    random bits of tensor i come from ``streams[i]`` (default ``i``) and its step count after the step.
     """
     n_all = len(params)
     if not (len(grads) == len(exp_avgs) == len(fishers) == len(steps) == n_all):
@@ -815,6 +994,20 @@ def fadam_triton_(
         )
     cfg = _INTERPRET_CONFIG if kernels.interpreting else _GPU_CONFIG  # (_config() reads the environment)
     lists = (params, grads, exp_avgs, fishers, steps)
+    # Rounding (hf_fadam._rounding): the streams enter the meta tables, the compensation buffers (only where 16-bit
+    # params resolve to "kahan", the only store that reads them) the address tables; both are part of the plan's key.
+    check_param_rounding(param_rounding)
+    stream_key = None
+    if streams is not None:
+        stream_key = tuple(map(int, streams))
+        if len(stream_key) != n_all:
+            raise ValueError(f"fadam_triton_: streams has {len(stream_key)} entries for {n_all} params")
+    comps = comp_key = None
+    if resolve_param_rounding(param_rounding, torch.bfloat16) == "kahan":  # "kahan", or "auto" meaning it
+        comps = [None] * n_all if param_comps is None else list(param_comps)
+        if len(comps) != n_all:
+            raise ValueError(f"fadam_triton_: param_comps has {len(comps)} entries for {n_all} params")
+        comp_key = tuple(0 if c is None else c.data_ptr() for c in comps)
     # Per call, in C-level maps (a Python loop over the tensors would cost more than the launches): the plan is
     # keyed by every address, the params' sizes and the param and fisher dtypes (freed memory is reused: a new model
     # of the same shapes in another dtype can sit at the same addresses; a grad has its param's dtype, as autograd
@@ -827,17 +1020,23 @@ def fadam_triton_(
         tuple(map(_DTYPE, itertools.chain(params, fishers))),
         logical,
         cfg,
+        stream_key,
+        comp_key,
     )
     grad_addrs = tuple(map(_DATA_PTR, grads))
     key = (static_key, grad_addrs)
     plan = _PLAN_CACHE.get(key)
     contiguous = all(map(_IS_CONTIGUOUS, itertools.chain(params, grads)))
+    if comps is not None:
+        contiguous = contiguous and all(c is None or c.is_contiguous() for c in comps)
     if plan is None or not contiguous:
         static = _STATIC_CACHE.get(static_key) if contiguous else None
         if static is not None and _grads_fit(static, grads):
-            plan = _plan_from_static(static, static_key[0], grad_addrs, device)
+            plan = _plan_from_static(static, static_key[0], grad_addrs, comp_key, device)
         else:
-            plan, static = _build_plan(lists, logical, cfg, device, static_key[0], grad_addrs)
+            plan, static = _build_plan(
+                lists, logical, cfg, device, static_key[0], grad_addrs, comps, comp_key, stream_key, param_rounding
+            )
             if static is not None:
                 _cache_get(_STATIC_CACHE, static_key, lambda: static)
         if static is not None:
@@ -854,14 +1053,18 @@ def fadam_triton_(
     with contextlib.nullcontext() if same_device else torch.cuda.device(device):
         _launch(
             kernels, cfg, plan, sums, scalars, grad_scale, found_inf, reduce,
-            lr=lr, beta1=beta1, weight_decay=weight_decay, p=p, maximize=maximize,
+            lr=lr, beta1=beta1, weight_decay=weight_decay, p=p, maximize=maximize, param_rounding=param_rounding,
         )  # fmt: skip
     for dst, src in plan.write_back:
         dst.copy_(src)
 
 
-def _launch(kernels, cfg, plan, sums, scalars, grad_scale, found_inf, reduce, *, lr, beta1, weight_decay, p, maximize):
-    """Pass A of every group, reduce(Σg²), pass B of every group, reduce(Σ(g/D)², Σ(θ/D)²), pass C of every group."""
+def _launch(
+    kernels, cfg, plan, sums, scalars, grad_scale, found_inf, reduce, *, lr, beta1, weight_decay, p, maximize,
+    param_rounding,
+):  # fmt: skip
+    """Pass A of every group, reduce(Σg²), pass B of every group, reduce(Σ(g/D)², Σ(θ/D)²), pass C of every group.
+    A group's param store (ROUND_MODE) is ``param_rounding`` resolved for its param dtype."""
     has_scale = grad_scale is not None
     has_found = found_inf is not None
     scale_arg = grad_scale if has_scale else sums
@@ -880,23 +1083,24 @@ def _launch(kernels, cfg, plan, sums, scalars, grad_scale, found_inf, reduce, *,
         )  # fmt: skip
     if reduce is not None:
         reduce(sums[0:1])
-    for g in plan.groups:
+    round_modes = [_ROUND_MODES[resolve_param_rounding(param_rounding, g.dtypes[0])] for g in plan.groups]
+    for g, round_mode in zip(plan.groups, round_modes):
         kernels.pass_b[(g.n_chunks,)](
             g.meta, g.addr, sums, scale_arg, found_arg, scalars, g.n, g.n_chunks, n_cols, p,
             G_DT=t[g.dtypes[1]], P_DT=t[g.dtypes[0]], F_DT=t[g.dtypes[3]], S_DT=t[g.dtypes[4]], CDT=t[g.dtypes[5]],
-            HAS_SCALE=has_scale, HAS_FOUND=has_found, HAS_WD=has_wd, P_MODE=p_mode, INTERPRET=interp,
-            ALIGNED=g.aligned, CHUNK=cfg.chunk, BLOCK=cfg.block_b, num_warps=cfg.warps_b,
+            HAS_SCALE=has_scale, HAS_FOUND=has_found, HAS_WD=has_wd, P_MODE=p_mode, ROUND_MODE=round_mode,
+            INTERPRET=interp, ALIGNED=g.aligned, CHUNK=cfg.chunk, BLOCK=cfg.block_b, num_warps=cfg.warps_b,
         )  # fmt: skip
     if reduce is not None:
         reduce(sums[1:3])
-    for g in plan.groups:
+    for g, round_mode in zip(plan.groups, round_modes):
         kernels.pass_c[(g.n_chunks,)](
             g.meta, g.addr, sums, scale_arg, found_arg, scalars, g.n, g.n_chunks, n_cols,
             lr, beta1, 1.0 - beta1, weight_decay, p,
             P_DT=t[g.dtypes[0]], G_DT=t[g.dtypes[1]], M_DT=t[g.dtypes[2]], F_DT=t[g.dtypes[3]], S_DT=t[g.dtypes[4]],
             CDT=t[g.dtypes[5]], HAS_SCALE=has_scale, HAS_FOUND=has_found, HAS_WD=has_wd, MAXIMIZE=bool(maximize),
-            P_MODE=p_mode, INTERPRET=interp, ALIGNED=g.aligned, CHUNK=cfg.chunk, BLOCK=cfg.block_c,
-            num_warps=cfg.warps_c,
+            P_MODE=p_mode, ROUND_MODE=round_mode, INTERPRET=interp, ALIGNED=g.aligned, CHUNK=cfg.chunk,
+            BLOCK=cfg.block_c, num_warps=cfg.warps_c,
         )  # fmt: skip
 
 
