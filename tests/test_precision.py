@@ -25,8 +25,15 @@ from hf_fadam._rounding import (
 )
 
 
-IMPLS = {"forloop": dict(foreach=False), "foreach": dict(foreach=True)}
+IMPLS = {"forloop": dict(foreach=False), "foreach": dict(foreach=True), "fused": dict(fused=True)}
 SIXTEEN = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@pytest.fixture(autouse=True)
+def _c_backend_for_fused(monkeypatch):
+    # fused=True on CPU means the C kernels here (CI sets TRITON_INTERPRET=1, which would route it to Triton;
+    # tests/test_rounding_triton.py holds the Triton kernels to the same rules on small cases).
+    monkeypatch.setenv("HF_FADAM_CPU_FUSED_BACKEND", "c")
 
 
 def _hashed_seeds(n: int) -> list[int]:
@@ -137,6 +144,7 @@ def _master_run(dtype, mode, impl, steps, lr, cls=FAdam, n=1024, seed=0):
     [
         ("foreach", torch.bfloat16),
         ("forloop", torch.float16),
+        ("fused", torch.bfloat16),
         pytest.param("forloop", torch.bfloat16, marks=pytest.mark.slow),
         pytest.param("foreach", torch.float16, marks=pytest.mark.slow),
     ],
@@ -312,8 +320,9 @@ def minilm_reference(minilm_batch):
     ("name", "make"),
     [
         ("FAdam auto (kahan)", lambda ps: FAdam(ps, lr=2e-5)),
-        ("FAdam8bit auto (stochastic)", lambda ps: FAdam8bit(ps, lr=2e-5)),
-        # the explicit modes of the other class: slow only because each is another 30-step run
+        pytest.param("FAdam8bit auto (stochastic)", lambda ps: FAdam8bit(ps, lr=2e-5),
+                     marks=pytest.mark.slow),  # fmt: skip
+        # slow only because each is another 30-step run of a 22M-parameter model
         pytest.param("FAdam stochastic", lambda ps: FAdam(ps, lr=2e-5, param_rounding="stochastic"),
                      marks=pytest.mark.slow),  # fmt: skip
         pytest.param("FAdam8bit kahan", lambda ps: FAdam8bit(ps, lr=2e-5, param_rounding="kahan"),
@@ -327,3 +336,47 @@ def test_pure_bf16_minilm_learns_like_fp32_master_weights(minilm_batch, minilm_r
     assert master > 0.1
     assert nearest / master < 0.5, f"nearest reached {nearest / master:.2f} of the master's loss reduction"
     assert got / master >= 0.8, f"{name} reached {got / master:.2f} of the master's loss reduction"
+
+
+# ----------------------------------------------------------------------------------------------- sharded params
+@pytest.fixture
+def one_rank_mesh():
+    """A 1-process gloo group and a 1-D CPU mesh (DTensor params without spawning)."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+
+    if dist.is_initialized():
+        pytest.skip("a process group already exists in this process")
+    dist.init_process_group("gloo", rank=0, world_size=1, store=dist.HashStore())
+    try:
+        yield init_device_mesh("cpu", (1,))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("cls", [FAdam, FAdam8bit])
+def test_sharded_16bit_params_refuse_stochastic_and_run_kahan_exactly(one_rank_mesh, cls):
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    extra = dict(min_8bit_size=64, block_size=32) if cls is FAdam8bit else {}
+    w0 = torch.randn(16, 9).bfloat16()
+    grads = [torch.randn(16, 9, generator=torch.Generator().manual_seed(t)).bfloat16() for t in range(3)]
+
+    sharded = torch.nn.Parameter(distribute_tensor(w0.clone(), one_rank_mesh, [Shard(0)]))
+    opt = cls([sharded], lr=1e-3, param_rounding="stochastic", **extra)
+    sharded.grad = distribute_tensor(grads[0], one_rank_mesh, [Shard(0)])
+    with pytest.raises(RuntimeError, match=r"DTensor \(FSDP2/TP\) with a stochastically rounded store.*'kahan'"):
+        opt.step()
+    assert torch.equal(sharded.to_local(), w0)
+
+    plain = torch.nn.Parameter(w0.clone())
+    opt_plain = cls([plain], lr=1e-3, param_rounding="kahan", foreach=True, **extra)
+    opt = cls([sharded], lr=1e-3, param_rounding="kahan", foreach=True, **extra)
+    for g in grads:
+        plain.grad, sharded.grad = g, distribute_tensor(g, one_rank_mesh, [Shard(0)])
+        opt_plain.step()
+        opt.step()
+    comp = opt.state[sharded]["param_comp"]
+    assert type(comp).__name__ == "DTensor" and comp.placements == sharded.placements  # DCP saves each rank's
+    torch.testing.assert_close(sharded.to_local(), plain.detach(), atol=0, rtol=0)
+    torch.testing.assert_close(comp.to_local(), opt_plain.state[plain]["param_comp"], atol=0, rtol=0)

@@ -563,7 +563,7 @@ def test_model_card_names_fadam_and_tags_it(tmp_path, monkeypatch):
     assert "fadam" in (trainer.model.model_tags or []), "push_to_hub adds the model's tags to the card"
     optimizer_line = (
         "- optimizer: Use FAdam (hf_fadam.FAdam, --optim fadam) with betas=(0.9,0.99), epsilon=1e-08, "
-        "weight_decay=0.05, clip=0.5, p=0.25 and optimizer_args=clip=0.5,p=0.25"
+        "weight_decay=0.05, clip=0.5, p=0.25, param_rounding=auto and optimizer_args=clip=0.5,p=0.25"
     )
 
     trainer.create_model_card(model_name="tiny", tags=["my-tag"])

@@ -687,8 +687,13 @@ def check_dcp(mesh, rank: int, world: int, ckpt_dir: str, flags: dict[str, Any],
         if lrs != [1e-2] * len(lrs):
             raise AssertionError(f"lr not restored after the dummy step: {lrs}")
         state_dtype = torch.float32 if dtype in (torch.bfloat16, torch.float16) else dtype
-        expected = sorted({"step:torch.float32", f"exp_avg:{state_dtype}", f"fisher:{state_dtype}"})
-        if dtypes != expected or layout != ["exp_avg:DTensor", "fisher:DTensor", "step:Tensor"]:
+        expected = {"step:torch.float32", f"exp_avg:{state_dtype}", f"fisher:{state_dtype}"}
+        types = {"exp_avg:DTensor", "fisher:DTensor", "step:Tensor"}
+        if dtype in (torch.bfloat16, torch.float16):  # param_rounding="auto": Kahan buffer, a DTensor like the param
+            expected.add(f"param_comp:{dtype}")
+            types.add("param_comp:DTensor")
+        expected = sorted(expected)
+        if dtypes != expected or layout != sorted(types):
             raise AssertionError(f"loaded state dtypes {dtypes} (expected {expected}), types {layout}")
         for label, (a, b) in (("restored", (loaded, saved)), ("resumed", (resumed_new, resumed))):
             differ = [n for n in a[0] if not torch.equal(a[0][n], b[0][n])]
