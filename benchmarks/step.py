@@ -5,6 +5,7 @@
     python benchmarks/step.py --device cuda --out results/step-cuda
     python benchmarks/step.py --quick --out /tmp/step-quick      # small sizes, a few seconds
     python benchmarks/step.py --host-only --dtype float32,bfloat16 --out /tmp/host   # Triton launcher host time, CPU
+    python benchmarks/step.py --bf16-rounding --variants fadam_fused,fadam8bit_fused --out /tmp/bf16  # bf16 stores
 
 Protocol (docs: benchmarks/README.md): every variant gets identical params and grads (same seed); one untimed
 first step each (state allocation, kernel build / Triton compile: reported separately); then round-robin warm-up
@@ -15,6 +16,12 @@ FAdam variant is compared with the for-loop reference (``FAdam(foreach=False)``)
 prints FAIL instead of its numbers. ``pytorch_optimizer.FAdam`` uses a different adaptive-ε formula
 (min(ε, ε₂·RMS(g)) instead of ε·min(1, RMS(g))), so its deviation is reported, not checked.
 
+``--bf16-rounding`` adds rows for bfloat16 params on the fused path, one per store (``param_rounding`` nearest,
+stochastic, kahan; FAdam with fp32 state, FAdam with bf16 state stored stochastically, FAdam8bit), next to the run's
+own ``--dtype`` rows, so their ratios are to the same process's AdamW fused and FAdam fused; each may also be named
+in ``--variants``. A row runs only on the fused kernel (``describe_implementation()`` is checked, and a kernel whose
+``SUPPORTS_ROUNDING`` is False skips the stochastic/kahan rows with the reason): never silently on another path.
+
 Writes ``<out>.csv`` (one row per variant, with the conditions) and ``<out>.md`` (machine, versions, conditions,
 table) and prints the table.
 """
@@ -23,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import importlib
 import math
 import os
 import platform
@@ -36,6 +44,7 @@ from importlib import metadata
 from pathlib import Path
 
 import torch
+from torch import Tensor
 
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -80,9 +89,13 @@ def make_params(shapes, device: str, dtype: torch.dtype, seed: int = 1234) -> li
 class Variant:
     name: str
     build: object  # params -> optimizer
-    bytes_model: str  # key into bytes_per_param()
+    bytes_model: str  # key into bytes_per_param() / bytes_moved_per_param()
     is_fadam: bool = True
     check: str = "strict"  # strict | report | none
+    dtype: torch.dtype | None = None  # param dtype; None: the run's --dtype
+    extra: bool = False  # run only with --bf16-rounding or when named in --variants
+    rounding: str | None = None  # the param_rounding it asks for: checked against what the optimizer resolves
+    kernels: tuple[str, str] | None = None  # (CPU, CUDA) kernel modules it must run on (their SUPPORTS_ROUNDING)
 
 
 def _po_fadam(params):
@@ -95,6 +108,22 @@ def _fadam8bit_fused(params):
     from hf_fadam import FAdam8bit
 
     return FAdam8bit(params, lr=1e-3, fused=True)
+
+
+def _fadam_store(mode: str, state_dtype: torch.dtype | None = None):
+    def build(params, fused=True, foreach=None):  # fused=False, foreach=True: the same store on the foreach path
+        return FAdam(params, lr=1e-3, fused=fused, foreach=foreach, param_rounding=mode, state_dtype=state_dtype)
+
+    return build
+
+
+def _fadam8bit_store(mode: str):
+    def build(params, fused=True, foreach=None):
+        from hf_fadam import FAdam8bit
+
+        return FAdam8bit(params, lr=1e-3, fused=fused, foreach=foreach, param_rounding=mode)
+
+    return build
 
 
 def state_bytes(opt) -> int:
@@ -113,6 +142,35 @@ VARIANTS = [
     # 8-bit state: its θ differs from the fp32 reference by the state's rounding, so the deviation is reported.
     Variant("fadam8bit_fused", _fadam8bit_fused, "fadam8bit", True, "report"),
 ]
+_FP32_KERNELS = ("cpu_fused", "triton_fadam")
+_8BIT_KERNELS = ("cpu_fused_8bit", "triton_fadam8bit")
+
+
+def _bf16(mode: str, kernels: tuple[str, str]) -> dict:
+    return dict(dtype=torch.bfloat16, extra=True, rounding=mode, kernels=kernels)
+
+
+# bf16 params on the fused path, one row per store (--bf16-rounding). Checked by same_store_check() (one step
+# against the same store on the foreach path); their drift from the fp32 reference is reported, not checked.
+BF16_VARIANTS = [
+    *(
+        Variant(f"fadam_bf16_{m}", _fadam_store(m), "fadam", check="report", **_bf16(m, _FP32_KERNELS))
+        for m in ("nearest", "stochastic", "kahan")
+    ),
+    # bf16 m and f, always stored stochastically; θ stochastic too (the configuration with no extra memory)
+    Variant(
+        "fadam_bf16_stochastic_bf16state",
+        _fadam_store("stochastic", torch.bfloat16),
+        "fadam",
+        check="report",
+        **_bf16("stochastic", _FP32_KERNELS),
+    ),
+    *(
+        Variant(f"fadam8bit_bf16_{m}", _fadam8bit_store(m), "fadam8bit", check="report", **_bf16(m, _8BIT_KERNELS))
+        for m in ("nearest", "stochastic", "kahan")
+    ),
+]
+VARIANTS += BF16_VARIANTS
 REFERENCE = "fadam_forloop"
 BASELINE = "adamw_fused"
 FADAM_FUSED = "fadam_fused"
@@ -132,6 +190,104 @@ def bytes_per_param(model: str, param_dtype: torch.dtype) -> float:
         return 6 * p + 5
     s = 4 if p < 4 else p
     return 3 * p + 3 * p + 5 * s
+
+
+def bytes_moved_per_param(opt, model: str, param_dtype: torch.dtype) -> float:
+    """What the fused kernels read and write per parameter per step, from the live params and state tensors' dtypes
+    (the step counters' 4 B per tensor left out); the static :func:`bytes_per_param` where the state has no known
+    layout (pytorch_optimizer). G, P, F, M, C: bytes per element of g, θ, fisher, exp_avg, param_comp (0 without
+    Kahan).
+
+    - AdamW: reads p, g, m, v, writes p, m, v: 2P + G + 2M + 2V (28 B fp32).
+    - FAdam, the three passes of ``_fadam_cpu.c`` / the Triton kernels: A reads g; B reads g, f, θ (+ c); C reads
+      g, f, m, θ (+ c) and writes f, m, θ (+ c): 3G + 3P + 3F + 2M + 3C. fp32: 44; bf16 θ with fp32 state: 32
+      (nearest, stochastic), 38 (kahan: c is read in B and C and written in C); bf16 θ and bf16 state: 22.
+    - FAdam8bit, 8-bit tensors (``_fadam8bit_cpu.c``): A reads g; B reads g, θ (+ c), the f code and its block
+      scale; C reads g, θ (+ c), both codes and both scales and writes θ (+ c), both codes and both scales:
+      3G + 3P + 3C + 5 + 20 / block_size (29.08 fp32, 17.08 bf16, 23.08 bf16 kahan at block 256); tensors under
+      min_8bit_size keep fp32 state and count as FAdam.
+    - Without weight decay pass B does not read θ (+ c): one P + C less.
+
+    Every FAdam variant is given the fused kernels' traffic; for the for-loop and foreach rows it is an effective
+    figure (they move more)."""
+    if model not in ("adamw", "fadam", "fadam8bit"):
+        return bytes_per_param(model, param_dtype)
+    total = numel = 0
+    for group in opt.param_groups:
+        theta_reads = 3 if group.get("weight_decay", 0) != 0 else 2
+        for p in group["params"]:
+            st = opt.state.get(p, {})
+            n, pb = p.numel(), p.element_size()
+            gb = p.grad.element_size() if p.grad is not None else pb
+            numel += n
+            try:
+                if model == "adamw":
+                    total += n * (2 * pb + gb + 2 * st["exp_avg"].element_size() + 2 * st["exp_avg_sq"].element_size())
+                    continue
+                cb = st["param_comp"].element_size() if "param_comp" in st else 0
+                if "fisher_sqrt" in st:
+                    scales = 3 * st["fisher_sqrt_scale"].nbytes + 2 * st["exp_avg_scale"].nbytes
+                    total += n * (3 * gb + theta_reads * (pb + cb) + 5) + scales
+                else:
+                    fb, mb = st["fisher"].element_size(), st["exp_avg"].element_size()
+                    total += n * (3 * gb + theta_reads * (pb + cb) + 3 * fb + 2 * mb)
+            except KeyError:  # a state layout this model does not know
+                return bytes_per_param(model, param_dtype)
+    return total / numel if numel else bytes_per_param(model, param_dtype)
+
+
+def describe_store(opt, param_dtype: torch.dtype) -> tuple[str, str]:
+    """(how θ is stored, the state's storage) from the optimizer: ``param_rounding_of`` as resolved for 16-bit
+    params ("-" for 32/64-bit params: nothing is rounded), and the largest tensor's ``exp_avg`` dtype ("8-bit"
+    for codes)."""
+    rounding = "-"
+    if param_dtype in (torch.bfloat16, torch.float16) and hasattr(opt, "param_rounding_of"):
+        rounding = opt.param_rounding_of(opt.param_groups[0], param_dtype)
+    states = [(p.numel(), st) for p, st in opt.state.items() if isinstance(st, dict)]
+    state = "-"
+    if states:
+        st = max(states, key=lambda x: x[0])[1]
+        m = st.get("exp_avg")
+        if torch.is_tensor(m):
+            state = "8-bit" if m.dtype in (torch.int8, torch.uint8) else _short(m.dtype)
+    return rounding, state
+
+
+def _short(dtype: torch.dtype) -> str:
+    return {torch.float32: "fp32", torch.float64: "fp64", torch.bfloat16: "bf16", torch.float16: "fp16"}.get(
+        dtype, str(dtype).replace("torch.", "")
+    )
+
+
+def skip_reason(v: Variant, dev: str) -> str | None:
+    """Why a store variant cannot run on its fused kernel here (None: it can): the kernel module's
+    ``SUPPORTS_ROUNDING`` is False and the variant asks for a stochastic or Kahan store. Such a row is skipped, not
+    run on another path."""
+    if v.kernels is None or v.rounding in (None, "nearest"):
+        return None
+    module_name = f"hf_fadam.kernels.{v.kernels[0] if dev == 'cpu' else v.kernels[1]}"
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        return f"{module_name} cannot be imported: {exc}"
+    if not getattr(module, "SUPPORTS_ROUNDING", False):
+        return f"{module_name}.SUPPORTS_ROUNDING is False: its fused kernel cannot store param_rounding={v.rounding!r}"
+    return None
+
+
+def path_mismatch(v: Variant, opt, dev: str, param_dtype: torch.dtype) -> str | None:
+    """Why a store variant's optimizer would not run what the row claims (None when it does): the fused kernel
+    (``describe_implementation()`` names the C kernel on CPU, Triton on CUDA) and the requested store."""
+    if v.kernels is None:
+        return None
+    impl = opt.describe_implementation()
+    want = "C kernel" if dev == "cpu" else "Triton"
+    if not impl.startswith("fused") or want not in impl:
+        return f"describe_implementation() is {impl!r}, not the fused {want}"
+    got = opt.param_rounding_of(opt.param_groups[0], param_dtype)
+    if got != v.rounding:
+        return f"param_rounding resolves to {got!r}, not {v.rounding!r}"
+    return None
 
 
 # ---------------------------------------------------------------------------------------------------- timing
@@ -241,6 +397,88 @@ def compare(ref_opt, ref_params, opt, params, init_params, mode: str) -> tuple[b
     return ok, f"θ {rel_theta:.1e}, m/f {rel_state:.1e}" if mode == "strict" else f"θ {rel_theta:.1e}"
 
 
+def _ulps(a: Tensor, b: Tensor, dtype: torch.dtype, before: Tensor | None = None) -> Tensor:
+    """|a - b| in units of ``dtype``'s ulp at max(|a|, |b|, |before|) (float64; subnormals count in the smallest
+    normal's ulp). ``before``: the value the step started from: a new value computed as θ - lr·u in float32 carries
+    the float32 error of |θ|, also where it cancels to near 0."""
+    a, b = a.double(), b.double()
+    big = torch.maximum(a.abs(), b.abs())
+    if before is not None:
+        big = torch.maximum(big, before.double().abs())
+    big = big.clamp_min(torch.finfo(dtype).tiny)
+    ulp = torch.finfo(dtype).eps * torch.exp2(torch.floor(torch.log2(big)))
+    return (a - b).abs() / ulp
+
+
+def same_store_check(v: Variant, opt, params, dev: str) -> tuple[bool, str]:
+    """One more step of a store row against the same configuration on the foreach path, from the row's final state.
+
+    The rounding rules make every implementation store the same 16-bit values from the same float32 inputs
+    (hf_fadam/_rounding.py); the kernels' float32 math differs from torch's by a few fp32 ulp, which can flip one
+    rounding. So: θ (θ + c for Kahan, compared in θ's dtype) within 1 ulp of the param dtype (at the larger of
+    the old and new |θ|: where the update cancels θ to near 0, float32's error is that of the old θ), and at most 1e-3 of
+    the elements half an ulp or more off (a wrong store, e.g. nearest for stochastic, is 1 ulp off in ~30 % of
+    them); 16-bit state within 1 ulp of its dtype and 8-bit codes within 1, at most 1e-3 of the elements off; fp32
+    state, the scales and the step counters within 1e-5 of their largest magnitude. The deviation from the fp32
+    reference's trajectory (the check column's first part) is reported, not checked: 16-bit stores drift from fp32
+    by design (and the rows' grads are the reference's rounded to bf16)."""
+    vdtype = params[0].dtype
+    ref_params = [torch.nn.Parameter(p.detach().clone()) for p in params]
+    for rp, p in zip(ref_params, params):
+        rp.grad = p.grad.detach().clone()
+    ref = v.build(ref_params, fused=False, foreach=True)
+    ref.load_state_dict(opt.state_dict())  # the step counts and streams too: the same random bits
+    for group in ref.param_groups:  # the loaded groups bring fused=True back
+        group["fused"], group["foreach"] = False, True
+    impl = ref.describe_implementation()
+    if not impl.startswith("foreach"):
+        return False, f"1 step vs foreach: the reference runs {impl!r}"
+
+    def value(p, st):  # θ, or θ + c with Kahan, in float32
+        return p.detach().float() + st["param_comp"].float() if "param_comp" in st else p.detach().float()
+
+    before = [value(p, opt.state[p]) for p in params]
+    opt.step()
+    ref.step()
+    theta, theta_diff, total = 0.0, 0, 0
+    state_ok, worst = True, ""
+    for p, rp, p0 in zip(params, ref_params, before):
+        st, rst = opt.state[p], ref.state[rp]
+        a, b = value(p, st), value(rp, rst)
+        if a.numel():
+            u = _ulps(a, b, vdtype, p0)
+            theta, theta_diff, total = (
+                max(theta, u.max().item()),
+                theta_diff + int((u >= 0.5).sum()),
+                total + a.numel(),
+            )
+        for key, x in st.items():
+            y = rst.get(key)
+            if key == "param_comp" or not torch.is_tensor(x) or not torch.is_tensor(y) or x.numel() == 0:
+                continue
+            if not x.is_floating_point() or x.element_size() == 2:  # 8-bit codes; 16-bit state, stored stochastically
+                d = (x.long() - y.long()).abs() if not x.is_floating_point() else _ulps(x, y, x.dtype)
+                dev_k, frac = d.max().item(), (d > 0).double().mean().item()
+                ok = dev_k <= 1 and frac <= 1e-3
+                what = f"{key} {dev_k:.0f} {'ulp' if x.is_floating_point() else 'code'} at {frac:.1e}"
+            else:
+                scale = y.double().abs().max().item()
+                dev_k = (x.double() - y.double()).abs().max().item() / (scale or 1.0)
+                ok, what = dev_k <= 1e-5, f"{key} {dev_k:.1e}"
+            if not ok and state_ok:
+                state_ok, worst = False, what
+    frac = theta_diff / max(total, 1)
+    # the same store: an element differs only where the float32 math's last bits cross a rounding threshold, rarely
+    # (θ + c of Kahan differs below half an ulp where c's last bits do: not counted); a different store (nearest for
+    # stochastic, say) differs by 1 ulp in a large share of the elements
+    ok = theta <= 1 and frac <= 1e-3 and state_ok
+    detail = f"1 step vs foreach: θ ≤ {theta:.2g} ulp, {frac:.1e} of elements off, state " + (
+        "ok" if state_ok else f"off ({worst})"
+    )
+    del ref, ref_params
+    return ok, detail
+
+
 # ---------------------------------------------------------------------------------------------------- main
 
 
@@ -256,6 +494,24 @@ def versions() -> dict[str, str]:
 
         out["hf-fadam"] = getattr(hf_fadam, "__version__", "?") + " (checkout)"
     return out
+
+
+def checkout() -> str:
+    """The checkout the run measured: git HEAD and the files under hf_fadam/ with uncommitted changes (kernel
+    sources edited in the working tree are what the C kernels are built from)."""
+    import subprocess
+
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--", "hf_fadam"], cwd=ROOT, capture_output=True, text=True
+        )
+    except OSError:
+        return "-"
+    if head.returncode != 0:
+        return "-"
+    changed = sorted(line[3:] for line in dirty.stdout.splitlines() if line.strip())
+    return head.stdout.strip() + (f" + uncommitted {', '.join(changed)}" if changed else "")
 
 
 def machine(device: str) -> str:
@@ -283,7 +539,15 @@ def parse_args(argv=None):
     ap.add_argument("--bw-mb", type=int, default=None, help="copy-bandwidth probe size (default 1024; quick 64)")
     ap.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (0: leave the default)")
     ap.add_argument("--variants", default="", help="comma-separated subset (the reference and baseline are kept)")
+    ap.add_argument(
+        "--bf16-rounding",
+        action="store_true",
+        help="add the bf16-param rows of every store on the fused path ("
+        + ", ".join(v.name for v in BF16_VARIANTS)
+        + "); ratios to the same run's AdamW fused and FAdam fused",
+    )
     ap.add_argument("--out", required=True, help="output path stem: writes <out>.csv and <out>.md")
+    ap.add_argument("--note", default="", help="a line for the markdown's conditions (e.g. who else used the machine)")
     ap.add_argument(
         "--host-only",
         action="store_true",
@@ -444,12 +708,16 @@ def main(argv=None) -> int:
     timer = Timer(dev)
     load_start = os.getloadavg() if hasattr(os, "getloadavg") else None
 
-    variants = VARIANTS
+    variants = [v for v in VARIANTS if not v.extra or args.bf16_rounding]
     if args.variants:
         keep = set(args.variants.split(",")) | {REFERENCE, BASELINE}
         unknown = keep - {v.name for v in VARIANTS}
         if unknown:
             raise SystemExit(f"--variants: unknown {sorted(unknown)}; choose from {[v.name for v in VARIANTS]}")
+        if args.bf16_rounding:
+            keep |= {v.name for v in BF16_VARIANTS}
+        if any(v.extra and v.name in keep for v in VARIANTS):
+            keep.add(FADAM_FUSED)  # the store rows' second baseline
         variants = [v for v in VARIANTS if v.name in keep]
 
     # one-time cost of the fused kernel, apart from the steps: the C build (cached after the first run) on CPU
@@ -472,11 +740,24 @@ def main(argv=None) -> int:
     print(f"param set {args.param_set}: {len(shapes)} tensors, {numel / 1e6:.2f} M params, {args.dtype}", flush=True)
 
     init = [p.detach().clone() for p in make_params(shapes, "cpu", dtype)]
-    opts, params_of, first_s, errors = {}, {}, {}, {}
+    opts, params_of, first_s, errors, skipped, impls = {}, {}, {}, {}, {}, {}
     for v in variants:
-        params = make_params(shapes, dev, dtype)  # identical start for every variant
+        vdtype = v.dtype or dtype
+        reason = skip_reason(v, dev)
+        if reason:
+            skipped[v.name] = reason
+            print(f"  {v.name}: SKIP {reason}", flush=True)
+            continue
+        params = make_params(shapes, dev, vdtype)  # identical start for every variant (rounded to its dtype)
         try:
             opt = v.build(params)
+            reason = path_mismatch(v, opt, dev, vdtype)
+            if reason:
+                skipped[v.name] = reason
+                print(f"  {v.name}: SKIP {reason}", flush=True)
+                del opt, params
+                continue
+            impls[v.name] = opt.describe_implementation() if hasattr(opt, "describe_implementation") else ""
             timer.sync()
             first_s[v.name] = timer.time(opt.step)  # untimed in the statistics: allocation, build, compile
         except Exception as exc:  # noqa: BLE001 - a variant that cannot run is reported, not fatal
@@ -484,7 +765,14 @@ def main(argv=None) -> int:
             print(f"  {v.name}: ERROR {errors[v.name]}", flush=True)
             continue
         opts[v.name], params_of[v.name] = opt, params
-        print(f"  {v.name}: first step {first_s[v.name]:.3f} s", flush=True)
+        if v.kernels is not None:  # once more with state: the step ran on the fused kernel
+            reason = path_mismatch(v, opt, dev, vdtype)
+            if reason:
+                skipped[v.name] = reason
+                print(f"  {v.name}: SKIP {reason}", flush=True)
+                del opts[v.name], params_of[v.name]
+                continue
+        print(f"  {v.name}: first step {first_s[v.name]:.3f} s ({impls[v.name] or type(opt).__name__})", flush=True)
 
     flush = torch.empty(flush_mb * 2**18, device=dev) if flush_mb else None
     times = {k: [] for k in opts}
@@ -509,14 +797,27 @@ def main(argv=None) -> int:
             continue
         ok, detail = compare(ref, params_of[REFERENCE], opts[v.name], params_of[v.name], init_dev, v.check)
         verdict[v.name] = (ok or v.check == "report", detail if v.check == "strict" else detail + " (report only)")
+    for v in variants:  # store rows: exact against the same store on the foreach path (after the drift above)
+        if v.kernels is not None and v.name in opts:
+            ok, detail = same_store_check(v, opts[v.name], params_of[v.name], dev)
+            before = verdict.get(v.name, (True, ""))
+            verdict[v.name] = (before[0] and ok, "; ".join(x for x in ("vs ref: " + before[1], detail) if x))
 
+    if dev == "cpu" and any(v.bytes_model == "fadam8bit" and v.name in opts for v in variants):
+        lib8 = getattr(getattr(sys.modules.get("hf_fadam.kernels.cpu_fused_8bit"), "_library", None), "path", None)
+        kernel_note += f"; 8-bit C kernel {lib8}" if lib8 else ""
     load_end = os.getloadavg() if hasattr(os, "getloadavg") else None
     base = statistics.median(times[BASELINE]) if times.get(BASELINE) else None
     rows = []
     for v in variants:
-        row = {"variant": v.name}
+        vdtype = v.dtype or dtype
+        row = {"variant": v.name, "param_dtype": _short(vdtype)}
         if v.name in errors:
             row.update(status="ERROR", note=errors[v.name])
+            rows.append(row)
+            continue
+        if v.name in skipped:
+            row.update(status="SKIP", note=skipped[v.name], param_rounding=v.rounding or "")
             rows.append(row)
             continue
         ts = sorted(times[v.name])
@@ -532,8 +833,12 @@ def main(argv=None) -> int:
             else None
         )
         ok, detail = verdict.get(v.name, (True, "reference" if v.name == REFERENCE else ""))
-        nb = bytes_per_param(v.bytes_model, dtype)
+        nb = bytes_moved_per_param(opts[v.name], v.bytes_model, vdtype)
+        rounding, state = describe_store(opts[v.name], vdtype)
         row.update(
+            param_rounding=rounding,
+            state_dtype=state,
+            implementation=impls.get(v.name, ""),
             status="OK" if ok else "FAIL",
             median_ms=med * 1e3,
             min_ms=ts[0] * 1e3,
@@ -567,6 +872,8 @@ def main(argv=None) -> int:
         "loadavg_start": load_start,
         "loadavg_end": load_end,
         "kernel": kernel_note,
+        "checkout": checkout(),
+        "note": args.note,
         **{f"v_{k}": val for k, val in vers.items()},
         "command": " ".join([Path(sys.executable).name, *sys.argv]) if argv is None else " ".join(argv),
     }
@@ -576,7 +883,8 @@ def main(argv=None) -> int:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".md").write_text(table + "\n")
-    fields = ["variant", "status", "median_ms", "min_ms", "p90_ms", "x_adamw_fused", "paired_x_adamw_fused"]
+    fields = ["variant", "param_dtype", "param_rounding", "state_dtype", "implementation", "status"]
+    fields += ["median_ms", "min_ms", "p90_ms", "x_adamw_fused", "paired_x_adamw_fused"]
     fields += ["paired_x_fadam_fused"]
     fields += ["bytes_per_param", "state_bytes_per_param", "gbps"]
     fields += ["frac_copy_bw", "first_step_s", "extra_mem_mb", "minor_faults_per_step", "check", "note"]
@@ -604,45 +912,63 @@ def render_markdown(rows, cond, dev) -> str:
         "",
         f"- machine: {cond['machine']}",
         "- versions: " + ", ".join(f"{k[2:]} {v}" for k, v in cond.items() if k.startswith("v_")),
+        f"- checkout: {cond.get('checkout', '-')}",
         f"- conditions: {cond['steps']} timed steps after {cond['warmup']} round-robin warm-up rounds, variants "
         f"interleaved, {cond['flush_mb']} MB cache flush before every step, first step untimed; load average "
         f"{_load(cond['loadavg_start'])} at start, {_load(cond['loadavg_end'])} at end",
         f"- measured copy bandwidth (read + write): {cond['copy_gbps']} GB/s"
         + (f"; {cond['kernel']}" if cond["kernel"] else ""),
         f"- command: `{cond['command']}`",
+        *([f"- note: {cond['note']}"] if cond.get("note") else []),
         "",
-        "| variant | median ms | min ms | p90 ms | x AdamW fused | paired x | paired x FAdam fused | B/param (model) "
-        "| state B/param | GB/s at model | x copy BW | first step s | extra MB/step | faults/step | check vs for-loop |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| variant | θ / store / state | median ms | min ms | p90 ms | x AdamW fused | paired x | paired x FAdam fused "
+        "| B/param (model) | state B/param | GB/s at model | x copy BW | first step s | extra MB/step | faults/step "
+        "| check vs for-loop |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
-        if r["status"] == "ERROR":
-            lines.append(f"| {r['variant']} | ERROR | | | | | | | | | | | | | {r['note']} |")
+        store = f"{r['param_dtype']} / {r.get('param_rounding') or '-'} / {r.get('state_dtype') or '-'}"
+        if r["status"] in ("ERROR", "SKIP"):
+            lines.append(f"| {r['variant']} | {store} | {r['status']} | | | | | | | | | | | | | {r['note']} |")
             continue
         if r["status"] == "FAIL":
-            lines.append(f"| {r['variant']} | FAIL | FAIL | FAIL | FAIL | FAIL | | | | | | | | | {r['check']} |")
+            lines.append(
+                f"| {r['variant']} | {store} | FAIL | FAIL | FAIL | FAIL | FAIL | | | | | | | | | {r['check']} |"
+            )
             continue
         lines.append(
-            f"| {r['variant']} | {r['median_ms']:.2f} | {r['min_ms']:.2f} | {r['p90_ms']:.2f} | "
+            f"| {r['variant']} | {store} | {r['median_ms']:.2f} | {r['min_ms']:.2f} | {r['p90_ms']:.2f} | "
             f"{_f(r['x_adamw_fused'], '.2f')} | {_f(r['paired_x_adamw_fused'], '.2f')} | "
             f"{_f(r['paired_x_fadam_fused'], '.2f')} | "
-            f"{r['bytes_per_param']:.0f} | {r['state_bytes_per_param']:.2f} | {r['gbps']:.1f} | "
+            f"{r['bytes_per_param']:.4g} | {r['state_bytes_per_param']:.2f} | {r['gbps']:.1f} | "
             f"{r['frac_copy_bw']:.2f} | {r['first_step_s']:.2f} | {_f(r['extra_mem_mb'], '.0f')} | "
             f"{_f(r['minor_faults_per_step'], '.0f')} | {r['check']} |"
         )
+    impls = sorted({r["implementation"] for r in rows if r.get("implementation")})
     lines += [
         "",
         "x AdamW fused: ratio of medians; paired x: median over rounds of (this variant's step / AdamW fused's "
         "step in the same round), the steadier figure on a loaded machine; paired x FAdam fused: the same against "
         "FAdam's fused step (fp32 state). "
         "state B/param: bytes of the optimizer state after the run / params (FAdam8bit: 1-byte codes of m and "
-        "sqrt(f) plus per-block scales; tensors under 4096 elements keep fp32 state). "
-        "B/param: AdamW 7 x param bytes (torch keeps m, v in the param dtype); FAdam 3G + 3P + 5S, the minimal "
-        "three-pass schedule of the fused kernels (44 B fp32, 32 B bf16 with fp32 state) - used for every FAdam "
-        "variant, so for the for-loop/foreach/pytorch_optimizer rows the GB/s is an effective figure. "
+        "sqrt(f) plus per-block scales; tensors under 4096 elements keep fp32 state; Kahan adds param_comp, 2 B "
+        "for bf16; the step counters, 4 B per tensor, are included). "
+        "θ / store / state: param dtype / param_rounding as the optimizer resolves it ('-': 32-bit params, nothing "
+        "rounded) / the largest tensor's exp_avg storage (16-bit state is always stored stochastically). "
+        "B/param: computed from the live params' and state's dtypes as what the fused kernels read and write per "
+        "step (G, P, F, M, C: bytes of g, θ, fisher, exp_avg, param_comp per element): AdamW 2P + G + 2M + 2V "
+        "(28 fp32); FAdam's three passes (A: g; B: g, f, θ, c; C: g, f, m, θ, c read, f, m, θ, c written) "
+        "3G + 3P + 3F + 2M + 3C = 44 fp32, 32 bf16 θ with fp32 state (nearest, stochastic), 38 kahan, 22 bf16 θ "
+        "and bf16 state; FAdam8bit 3G + 3P + 3C + 5 (codes) + 20 B of scales per 256-element block = 29.08 fp32, "
+        "17.08 bf16, 23.08 bf16 kahan (tensors under 4096 elements with fp32 state as FAdam) - the fused model is "
+        "used for every FAdam variant, so for the for-loop/foreach/pytorch_optimizer rows the GB/s is an effective "
+        "figure. "
         "check: max deviation from FAdam(foreach=False) after all steps, relative to the reference's largest "
-        "movement (θ; plus 4 ulp of |θ| for 16-bit params) and magnitude (m, f); FAIL above 1e-2.",
+        "movement (θ; plus 4 ulp of |θ| of the row's param dtype for 16-bit params, which also get the grads "
+        "rounded to bf16) and magnitude (m, f); FAIL above 1e-2.",
     ]
+    if impls:
+        lines += ["", "Implementations (describe_implementation()): " + "; ".join(f"`{i}`" for i in impls)]
     return "\n".join(lines)
 
 

@@ -45,8 +45,10 @@ The choice here follows what FAdam needs:
    conservative update), never underestimated.
 3. **Momentum decays.** m ← β1·m + (1−β1)·ḡ must be able to shrink by 10 % per step; with round-to-nearest that
    needs a relative half-step below 10 %. Linear int8 (absmax / 127) fails for small elements of a block (they
-   freeze); E3M4's half step is ≤ 3.1 % over 7 binades, and the subnormal tail freezes only below ~2e-3 of the
-   block's absmax, where m's contribution to the update is negligible.
+   freeze); E3M4's half step is ≤ 3.1 % over 7 binades. Its subnormal tail (a uniform grid of 2**-10 of the scale)
+   would freeze below ~2e-3 of the block's absmax with round-to-nearest (0.9·q rounds back to q for codes q ≤ 4),
+   and a frozen m is not negligible: an element whose gradient stopped kept moving its weight by lr·|m| every step,
+   a drift that grows linearly with the steps. So the subnormal codes round stochastically (below, "Rounding").
 4. **Closed-form, branch-free encoding.** A minifloat is encoded by rounding the float32 bits (round to nearest
    even), with no table search: a handful of integer ops that vectorize in the C kernel (AVX2), run in Triton and
    in torch with identical results. Decoding is the same bit manipulation in reverse. The torch functions below
@@ -54,8 +56,16 @@ The choice here follows what FAdam needs:
 
 Rounding
 --------
-m rounds to nearest (ties to even), as in bitsandbytes' and torchao's 8-bit optimizers: with β1 = 0.9 the EMA moves
-by up to 10 % a step, more than half a code step.
+m rounds to nearest (ties to even) in its normal range, as in bitsandbytes' and torchao's 8-bit optimizers: with
+β1 = 0.9 the EMA moves by up to 10 % a step, more than half a code step. In its subnormal range (codes below 16,
+|m| < 2**-6 of the scale, 0.8 % of the block's absmax) it rounds **stochastically**, ``(floor(u * 2**26) + (r >> 16)) >> 16``: there
+a 10 % decay is less than half a step for codes ≤ 4, so with round-to-nearest an m whose gradient stopped (while its
+block's scale stayed put) never reached 0 and its weight drifted lr·|m| a step forever; unbiased rounding makes the
+expected code decay by β1 a step, and 0 is absorbing. The noise this adds is at most one subnormal step (5e-4 of the
+block's absmax); the normal range stays round-to-nearest (stochastic rounding of all of m was tried and made
+training worse: noise in the update). Numbers: docs/8bit.md. m's random bits use their own seed,
+``hf_fadam._rounding.rounding_seeds(streams, steps, KIND_EXP_AVG)`` = ``lowbias32(seed ^ KIND_EXP_AVG)`` with the f
+seed below, so they are independent of f's.
 
 f rounds **stochastically** in its normal range (and up in its subnormal range, point 2). Rounding to nearest
 freezes an EMA whose per-step change is below half a code step: with β2 = 0.999, sqrt(f) changes by ~0.05 % a step
@@ -65,8 +75,8 @@ round-to-nearest 99.8 % of the f codes stay the same from step to step, and afte
 26 % (rms) off an fp32 Fisher fed the same gradients, with a long tail of elements whose gradients shrank and whose
 f stayed high (updates too small). Stochastic rounding makes each stored sqrt(f) unbiased (the expected value is
 the exact one; f = s**2 itself comes out high by the rounding variance, at most a quarter code step squared, ~0.1 %),
-so the EMA follows: 9 % rms after 500 steps, median -0.2 %. m's stochastic rounding was tried too and
-made training worse (it adds noise to the update itself); it stays round-to-nearest.
+so the EMA follows: 9 % rms after 500 steps, median -0.2 %. (m's stochastic rounding over its whole map was tried
+too and made training worse, above.)
 
 The random bits are a counter-based hash, so every implementation produces the same codes and a resumed run the same
 trajectory. One hash serves two elements, ``i`` and ``i ^ 16``, 16 bits each: ``h = lowbias32(j ^ seed)`` with
@@ -88,7 +98,9 @@ fraction, exactly.
 
 A NaN anywhere in a block makes that block's scale NaN (the absmax propagates NaN), so the whole block decodes to
 NaN: FAdam's IEEE propagation of non-finite gradients holds block-wise for f and, through the per-tensor RMS,
-tensor-wise for m.
+tensor-wise for m. An infinite sqrt(f) (a finite gradient above sqrt(FLT_MAX), whose square overflows float32) does
+not make its block's scale inf: the f map's block maximum is clamped to :data:`F_MAX_S` = 2**63, so that element is
+stored as code 255 and its next D ≈ 9e18 freezes it, as fp32 FAdam's D = inf does.
 """
 
 from __future__ import annotations

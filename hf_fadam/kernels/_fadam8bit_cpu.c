@@ -17,10 +17,20 @@
  *
  * Tensors whose state is fp32 (below min_8bit_size; their scale pointers are NULL) run the same three passes on
  * float m and f. Codes are encoded with the bit operations of _quant.MiniFloat.encode, bit for bit the torch
- * reference given the same float input: m rounds to nearest even, f stochastically with the counter-based random
- * bits of _quant.sr_bits (sr_bits32: half of one lowbias32 per two elements; one seed per tensor and step). The
- * build uses -ffp-contract=off. Sums of squares are float64: a float squared in double is exact, so SQ_ADD's fma
- * (where the target has one) gives the same bits as a multiply and an add, in one instruction.
+ * reference given the same float input: m rounds to nearest even in its normal range and stochastically in its
+ * subnormal range (so that an m whose gradient stopped decays to 0), f stochastically in its normal range, each with
+ * the counter-based random bits of _quant.sr_bits (sr_bits32: half of one lowbias32 per two elements; one seed per
+ * tensor, step and quantity: seeds[0..n) f, [n..2n) m, [2n..3n) the param). f's block maximum is clamped to F_MAX_S
+ * (2^63: an inf s, from a gradient whose square overflows, is stored as code 255, not as an inf scale). The build
+ * uses -ffp-contract=off. Sums of squares are float64: a float squared in double is exact, so SQ_ADD's fma (where
+ * the target has one) gives the same bits as a multiply and an add, in one instruction.
+ *
+ * bf16/fp16 params are stored by hparams.round_mode (hf_fadam/_rounding.py, bit for bit given the same float input):
+ * PARAM_NEAREST (bf16_store / f16_store), PARAM_STOCHASTIC (bf16_store_sr / f16_store_sr with sr_bits16 of the
+ * param's seed, the element's index in the tensor), PARAM_KAHAN (theta = param + comp in pass B's sum of (theta/D)^2
+ * and in pass C; stored theta = RNE(theta_new), comp = RNE(theta_new - theta)). They take the generic loops (the
+ * AVX-512 passes are fp32 params only); round_mode is a compile-time constant in them, so the nearest loops are
+ * unchanged. fp32 params are stored as they are.
  *
  * Non-finite values: a NaN in m_new or s_new can only come from a NaN/inf gradient or an already non-finite state,
  * and either makes a per-tensor sum (and so eps_hat or a clip divisor) non-finite, or from eps_hat underflowing to 0
@@ -562,9 +572,14 @@ static inline __attribute__((always_inline)) void c_encode(int8_t *mc, uint8_t *
     cb = _mm512_add_epi32(cb, i1((19u << 23) + 64u));
     __m512i q = _mm512_castps_si512(_mm512_add_ps(u, _mm512_castsi512_ps(cb)));
     q = _mm512_add_epi32(q, _mm512_srli_epi32(q, 19));
-    if (m_sr) { /* the subnormal codes (u < 2^-6) stochastically: (floor(u 2^26) + rm) >> 16 (u 2^26 < 2^27: exact) */
-        const __m512i fx = _mm512_cvttps_epi32(_mm512_mul_ps(u, v1(67108864.0f)));
-        q = _mm512_mask_srli_epi32(q, _mm512_cmp_ps_mask(u, v1(0.015625f), _CMP_LT_OQ), _mm512_add_epi32(fx, rm), 16);
+    if (m_sr) {
+        /* the subnormal codes (u < 2^-6, by the bits: u >= 0) stochastically, enc_e3m4_sr's (floor(u 2^26) + rm) >> 16:
+           u + 2^-3 rounded toward zero is 2^-3 + floor(u 2^26) 2^-26 (that binade's spacing is 2^-26), so its bits
+           are bits(2^-3) + floor(u 2^26); bits(2^-3) = 0x3e000000 adds 0x3e00 after the shift, whose low byte, all
+           that VPMOVDB keeps (of q and of -q), is 0. One float addition and integer ops (no conversion). */
+        const __m512 ut = _mm512_add_round_ps(u, v1(0.125f), _MM_FROUND_TO_ZERO | _MM_FROUND_NO_EXC);
+        const __m512i fx = _mm512_castps_si512(ut);
+        q = _mm512_mask_srli_epi32(q, _mm512_cmplt_epu32_mask(bits, i1(0x3c800000u)), _mm512_add_epi32(fx, rm), 16);
     }
     q = _mm512_mask_sub_epi32(q, _mm512_cmp_ps_mask(mv, _mm512_setzero_ps(), _CMP_LT_OQ), _mm512_setzero_si512(), q);
     _mm512_mask_cvtepi32_storeu_epi8(mc, k, q);

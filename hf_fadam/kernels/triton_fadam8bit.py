@@ -91,7 +91,7 @@ if triton is not None:
         # kept 4 plus r >> 13 (a multiple of 8 in [0, 2**19), see _sr_bits), truncated; subnormals round up; NaN -> 0
         bits = u.to(tl.uint32, bitcast=True)
         nq = ((bits + (r >> 13)) >> 19).to(tl.int32) - (112 << 4)
-        y = u * 262144.0
+        y = tl.where(u < 6.103515625e-05, u, 0.0) * 262144.0  # (only the subnormal range is converted)
         sq = _rne_int(y)
         sq = tl.where(sq.to(tl.float32) < y, sq + 1, sq)
         q = tl.where(u < 6.103515625e-05, sq, nq)
