@@ -153,7 +153,12 @@ def test_fp32_fadam_stops():
 
 @pytest.mark.parametrize(
     ("impl", "simd"),
-    [("foreach", True), ("forloop", True), pytest.param("c", True, marks=needs_c), pytest.param("c", False, marks=needs_c)],
+    [
+        ("foreach", True),
+        ("forloop", True),
+        pytest.param("c", True, marks=needs_c),
+        pytest.param("c", False, marks=needs_c),
+    ],
     ids=["foreach", "forloop", "c-avx512", "c-generic"],
 )
 def test_a_stopped_element_stops_moving(impl, simd):

@@ -60,8 +60,10 @@ def _exact_state(pdt, mode, block=64):
     shapes = [(600_001,), (33, 41), (9,)]
     params = [(torch.randn(s, generator=gen) * 4).to(pdt) for s in shapes]
     grads = [
-        (torch.exp2(torch.randint(-3, 4, s, generator=gen).float()) * (torch.randint(0, 2, s, generator=gen) * 2 - 1))
-        .to(pdt)
+        (
+            torch.exp2(torch.randint(-3, 4, s, generator=gen).float())
+            * (torch.randint(0, 2, s, generator=gen) * 2 - 1)
+        ).to(pdt)
         for s in shapes
     ]
     state = [params, grads, [], [], [], [], []]
@@ -180,7 +182,7 @@ def test_trajectory_matches_foreach(pdt, mode, reduce):
 
 @pytest.mark.parametrize("pdt", SIXTEEN, ids=["bf16", "fp16"])
 def test_auto_and_fp32_params(pdt):
-    """"auto" means FAdam8bit's default for 16-bit params in the kernel as in the reference (with the buffers
+    """``"auto"`` means FAdam8bit's default for 16-bit params in the kernel as in the reference (with the buffers
     "kahan" would need), and float32 params are stored exactly whatever param_rounding says."""
     auto = resolve_param_rounding("auto", pdt)
     ref, _ = _trajectory(pdt, auto, fused=False, steps=2)
