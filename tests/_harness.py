@@ -6,6 +6,7 @@ whatever its params are, and the comparison isolates the optimizer.
 
 from __future__ import annotations
 
+import io
 import os
 from contextlib import contextmanager
 
@@ -126,3 +127,11 @@ def assert_trajectories_close(actual, expected, atol_rtol, state_atol_rtol):
                     rtol=rtol,
                     msg=lambda m, s=step, j=i, n=name: f"step {s}, tensor {j}, {n}: {m}",
                 )
+
+
+def roundtrip(obj):
+    """``obj`` through ``torch.save`` and ``torch.load(weights_only=True)``, as a checkpoint on disk would be."""
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    buf.seek(0)
+    return torch.load(buf, weights_only=True)

@@ -10,7 +10,6 @@ silently.
 from __future__ import annotations
 
 import copy
-import io
 import os
 import pickle
 
@@ -20,6 +19,8 @@ import torch
 from hf_fadam import FAdam, FAdam8bit
 from hf_fadam._quant import dequantize_blockwise
 from hf_fadam.kernels import cpu_fused, cpu_fused_8bit
+
+from _harness import roundtrip
 
 
 needs_c = pytest.mark.skipif(
@@ -78,13 +79,6 @@ def _run(opt, params, steps) -> None:
     for step in steps:
         _set_grads(params, step)
         opt.step()
-
-
-def _roundtrip(obj):
-    buf = io.BytesIO()
-    torch.save(obj, buf)
-    buf.seek(0)
-    return torch.load(buf, weights_only=True)
 
 
 def _assert_same_state(a: dict, b: dict) -> None:
@@ -184,7 +178,7 @@ def test_state_dict_round_trip_resumes_bit_exactly(name, impl, old_step_format):
     params = _params()
     opt = _make(name, params, impl)
     _run(opt, params, range(3))
-    saved = _roundtrip(opt.state_dict())
+    saved = roundtrip(opt.state_dict())
     saved_params = [p.detach().clone() for p in params]
     if old_step_format:  # older checkpoints (and some converters) store step as a Python number
         for value in saved["state"].values():
@@ -345,7 +339,7 @@ CORRUPTIONS = {
 def test_a_crafted_8bit_checkpoint_is_refused_at_load(case):
     entry, corrupt, words = CORRUPTIONS[case]
     params, opt = _stepped_8bit("foreach")
-    saved = _roundtrip(opt.state_dict())
+    saved = roundtrip(opt.state_dict())
     saved["state"][0][entry] = corrupt(saved["state"][0][entry])
     target = _make("FAdam8bit", _params(), "fused")
     with pytest.raises(ValueError, match=rf"FAdam8bit.load_state_dict: state '{entry}' of tensor 0 .*{words}"):
@@ -469,7 +463,7 @@ def test_a_block_size_check_at_load_names_the_block_size():
 # ----------------------------------------------------------------------------------------------- across the classes
 def test_an_8bit_state_dict_loads_into_fadam_dequantized():
     params, opt = _stepped_8bit("foreach")
-    saved = _roundtrip(opt.state_dict())
+    saved = roundtrip(opt.state_dict())
     target_params = [torch.nn.Parameter(p.detach().clone()) for p in params]
     target = FAdam(target_params, lr=1e-2)
     target.load_state_dict(saved)

@@ -6,7 +6,6 @@ pretrained checkpoint fine-tuned in pure bf16 learns as with fp32 master weights
 from __future__ import annotations
 
 import importlib.util
-import io
 
 import pytest
 import torch
@@ -23,6 +22,8 @@ from hf_fadam._rounding import (
     round_stochastic,
     rounding_seeds,
 )
+
+from _harness import roundtrip
 
 
 IMPLS = {"forloop": dict(foreach=False), "foreach": dict(foreach=True), "fused": dict(fused=True)}
@@ -194,13 +195,6 @@ def test_16bit_state_tracks_the_fisher_through_a_jump(impl, state):
 
 
 # ----------------------------------------------------------------------------------------------- resume
-def _roundtrip(obj):
-    buf = io.BytesIO()
-    torch.save(obj, buf)
-    buf.seek(0)
-    return torch.load(buf, weights_only=True)
-
-
 @pytest.mark.parametrize("cls", [FAdam, FAdam8bit])
 @pytest.mark.parametrize("mode", ["stochastic", "kahan"])
 @pytest.mark.parametrize("state_dtype", [None, torch.bfloat16], ids=["fp32_state", "bf16_state"])
@@ -221,7 +215,7 @@ def test_resume_is_exact_with_compensation_and_rounding_counters(cls, mode, stat
     if mode == "kahan":
         assert all(opt.state[q]["param_comp"].dtype == torch.bfloat16 for q in params)
         assert any(opt.state[q]["param_comp"].abs().sum() > 0 for q in params)
-    saved = _roundtrip(opt.state_dict())
+    saved = roundtrip(opt.state_dict())
     fresh = [torch.nn.Parameter(q.detach().clone()) for q in params]
     for t in range(3, 6):
         grads(t, params)

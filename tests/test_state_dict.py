@@ -1,13 +1,12 @@
 """The state dict is a contract: exact resume, weights_only loading, state dtypes kept."""
 
-import io
 
 import pytest
 import torch
 
 from hf_fadam import FAdam
 
-from _harness import IMPL_FLAGS, cpu_backend, grad_for, make_params, param_groups
+from _harness import IMPL_FLAGS, cpu_backend, grad_for, make_params, param_groups, roundtrip
 
 
 def _run(opt, params, steps):
@@ -15,13 +14,6 @@ def _run(opt, params, steps):
         for i, param in enumerate(params):
             param.grad = grad_for(step, i, param)
         opt.step()
-
-
-def _roundtrip(obj):
-    buf = io.BytesIO()
-    torch.save(obj, buf)
-    buf.seek(0)
-    return torch.load(buf, weights_only=True)
 
 
 @pytest.mark.parametrize("impl", ["forloop", "foreach"])
@@ -32,7 +24,7 @@ def test_save_load_continue_is_bit_exact(impl, dtype):
         opt = FAdam(param_groups(params), lr=1e-2, **IMPL_FLAGS[impl])
         _run(opt, params, range(0, 4))
         saved_params = [p.detach().clone() for p in params]
-        saved = _roundtrip(opt.state_dict())
+        saved = roundtrip(opt.state_dict())
         _run(opt, params, range(4, 8))  # the uninterrupted run
 
         fresh = [torch.nn.Parameter(p) for p in saved_params]
@@ -56,7 +48,7 @@ def test_bf16_params_keep_fp32_state_after_load():
     before = {k: v.clone() for k, v in opt.state[param].items()}
     fresh = torch.nn.Parameter(param.detach().clone())
     opt2 = FAdam([fresh])
-    opt2.load_state_dict(_roundtrip(opt.state_dict()))
+    opt2.load_state_dict(roundtrip(opt.state_dict()))
     state = opt2.state[fresh]
     assert state["exp_avg"].dtype == torch.float32 and state["fisher"].dtype == torch.float32
     assert state["step"].dtype == torch.float32
@@ -79,7 +71,7 @@ def test_state_dict_keys_and_group_hyperparameters_round_trip():
     opt = FAdam([param], lr=0.5, betas=(0.8, 0.9), eps=1e-6, weight_decay=0.2, clip=2.0, p=0.25, state_dtype="fp64")
     param.grad = torch.randn(3)
     opt.step()
-    sd = _roundtrip(opt.state_dict())
+    sd = roundtrip(opt.state_dict())
     assert set(sd["state"][0]) == {"step", "exp_avg", "fisher"}
     group = sd["param_groups"][0]
     assert group["betas"] == (0.8, 0.9) and group["clip"] == 2.0 and group["p"] == 0.25
@@ -101,7 +93,7 @@ def _trained_bf16_fadam():
 def test_load_pre_hook_edits_of_state_are_loaded():
     """torch's contract (AdamW honours it): what a load_state_dict pre-hook returns is what gets loaded."""
     opt, param = _trained_bf16_fadam()
-    saved = _roundtrip(opt.state_dict())
+    saved = roundtrip(opt.state_dict())
     fisher = saved["state"][0]["fisher"]
     fresh = torch.nn.Parameter(param.detach().clone())
     opt2 = FAdam([fresh])
@@ -123,7 +115,7 @@ def test_load_pre_hook_edits_of_state_are_loaded():
 
 def test_load_pre_hook_in_place_edit_is_loaded():
     opt, param = _trained_bf16_fadam()
-    saved = _roundtrip(opt.state_dict())
+    saved = roundtrip(opt.state_dict())
     fresh = torch.nn.Parameter(param.detach().clone())
     opt2 = FAdam([fresh])
 
@@ -138,7 +130,7 @@ def test_load_pre_hook_in_place_edit_is_loaded():
 
 def test_load_post_hook_sees_the_loaded_state():
     opt, param = _trained_bf16_fadam()
-    saved = _roundtrip(opt.state_dict())
+    saved = roundtrip(opt.state_dict())
     fresh = torch.nn.Parameter(param.detach().clone())
     opt2 = FAdam([fresh])
     seen = {}
@@ -162,7 +154,7 @@ def _load_through_hooks(cls):
     opt = cls([param])
     param.grad = torch.randn(4)
     opt.step()
-    saved = _roundtrip(opt.state_dict())
+    saved = roundtrip(opt.state_dict())
     fresh = torch.nn.Parameter(param.detach().clone())
     opt2 = cls([fresh])
     post_seen = []
