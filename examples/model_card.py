@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import importlib.metadata
 import platform
+import subprocess
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,7 +23,8 @@ from typing import Any
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
 
-TEMPLATE_PATH = Path(__file__).resolve().parents[1] / "model_cards" / "template.md"
+REPO_ROOT = Path(__file__).resolve().parents[1]
+TEMPLATE_PATH = REPO_ROOT / "model_cards" / "template.md"
 
 FADAM_BIBTEX = """@article{hwang2024fadam,
   title   = {{FAdam}: Adam is a natural gradient optimizer using diagonal empirical {F}isher information},
@@ -72,7 +74,9 @@ class CardInfo:
         model_name (`str`): name of the model (the last part of the Hub repo id).
         task_type (`str`): Hub task id, e.g. `text-classification`, `automatic-speech-recognition`.
         task_name (`str`): human name of the task.
-        dataset_id (`str`): Hub dataset id, or the name of the local dataset (see `dataset_is_local`).
+        dataset_id (`str`): Hub dataset id, or the name of the local dataset (see `dataset_is_local`). A local name
+            stays in the card's prose and `model-index`, but not in the `datasets:` metadata (the Hub would link it
+            to a dataset page that does not exist).
         dataset_name (`str`): human name of the dataset.
         dataset_split (`str`): split the metrics were measured on.
         metrics (`list[Metric]`): the evaluation results.
@@ -126,6 +130,21 @@ def framework_versions(names: Iterable[str] = FRAMEWORKS) -> dict[str, str]:
         except importlib.metadata.PackageNotFoundError:
             continue
     return versions
+
+
+def source_revision(repo: str | Path = REPO_ROOT) -> str | None:
+    """The git commit of the hf_fadam checkout at `repo` (12 hex digits), with `+dirty` when `hf_fadam/` or
+    `examples/` have uncommitted changes; `None` outside a git checkout (e.g. hf_fadam installed from a wheel)."""
+
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], cwd=repo, capture_output=True, text=True, check=True, timeout=30).stdout
+
+    try:
+        commit = git("rev-parse", "--short=12", "HEAD").strip()
+        dirty = git("status", "--porcelain", "--untracked-files=no", "--", "hf_fadam", "examples").strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return commit + ("+dirty" if dirty else "") if commit else None
 
 
 def describe_machine() -> str:
@@ -195,7 +214,7 @@ def build_model_card(info: CardInfo, template_path: str | Path = TEMPLATE_PATH) 
     card_data = ModelCardData(
         model_name=info.model_name,
         base_model=info.base_model,
-        datasets=[info.dataset_id],
+        datasets=None if info.dataset_is_local else [info.dataset_id],
         language=info.language,
         license=info.license,
         library_name="transformers",
@@ -206,6 +225,9 @@ def build_model_card(info: CardInfo, template_path: str | Path = TEMPLATE_PATH) 
     )
     optimizer_rows = [(label, _fmt(info.optimizer[key])) for key, label in FADAM_KEYS.items() if key in info.optimizer]
     header, rows = _eval_rows(info.log_history)
+    versions = framework_versions(info.frameworks)
+    if "hf_fadam" in versions and (revision := source_revision()) is not None:
+        versions["hf_fadam"] += f" (git {revision})"
     return ModelCard.from_template(
         card_data,
         template_path=str(template_path),
@@ -216,7 +238,7 @@ def build_model_card(info: CardInfo, template_path: str | Path = TEMPLATE_PATH) 
         hyperparameter_rows=[(k, _fmt(v)) for k, v in info.training_hyperparameters.items()],
         eval_header=header,
         eval_rows=rows,
-        versions=framework_versions(info.frameworks),
+        versions=versions,
         hardware=info.hardware or describe_machine(),
         train_runtime=None if info.train_runtime_s is None else f"{info.train_runtime_s:.0f} s",
         bibtex=FADAM_BIBTEX,
@@ -245,8 +267,9 @@ def validate_model_card(path: str | Path) -> ModelCardData:
         problems.append(f"tags {data.tags!r} lack 'fadam'")
     if not data.eval_results:
         problems.append("no model-index / eval_results")
-    if not data.datasets:
-        problems.append("no datasets")
+    for result in data.eval_results or []:
+        if not result.dataset_type:
+            problems.append(f"metric {result.metric_type} names no dataset")
     if data.library_name != "transformers":
         problems.append(f"library_name is {data.library_name!r}")
     for result in data.eval_results or []:

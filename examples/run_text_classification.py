@@ -71,6 +71,7 @@ import hf_fadam
 
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from hub_push import skip_push_if_unreachable  # noqa: E402
 from metrics import load_metric  # noqa: E402
 from model_card import CardInfo, Metric, save_model_card  # noqa: E402
 
@@ -244,6 +245,8 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     logger.setLevel(logging.INFO if training_args.should_log else log_level)
     datasets.utils.logging.set_verbosity(log_level)
     transformers.utils.logging.set_verbosity(log_level)
+    # Before any model is loaded: without the Hub, say why in one line and save locally instead of failing.
+    skip_push_if_unreachable(training_args, logger)
     logger.info("Training parameters %s", training_args)
     set_seed(training_args.seed)
 

