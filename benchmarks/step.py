@@ -104,10 +104,10 @@ def _po_fadam(params):
     return POFAdam(params, lr=1e-3, weight_decay=0.1, foreach=True)
 
 
-def _fadam8bit_fused(params):
+def _fadam8bit_fused(params, **kwargs):
     from hf_fadam import FAdam8bit
 
-    return FAdam8bit(params, lr=1e-3, fused=True)
+    return FAdam8bit(params, lr=1e-3, fused=True, **kwargs)
 
 
 def _fadam_store(mode: str, state_dtype: torch.dtype | None = None):
@@ -126,6 +126,24 @@ def _fadam8bit_store(mode: str):
     return build
 
 
+def _layerwise(build):
+    """The optimizer with ``gradient_release=True``, its ``step`` replaced by what backward's hooks run: one
+    ``_step_param`` per parameter, last parameter first (gradients are kept, so every timed step sees them)."""
+
+    def layerwise(params):
+        opt = build(params, gradient_release=True)
+        order = [p for group in opt.param_groups for p in group["params"]][::-1]
+
+        def step():
+            for p in order:
+                opt._step_param(p)
+
+        opt.step = step
+        return opt
+
+    return layerwise
+
+
 def state_bytes(opt) -> int:
     """Bytes of every tensor in the optimizer's state (codes, scales, fp32 state and step counters)."""
     return sum(t.numel() * t.element_size() for st in opt.state.values() for t in st.values() if torch.is_tensor(t))
@@ -141,6 +159,11 @@ VARIANTS = [
     Variant("pytorch_optimizer_fadam", _po_fadam, "fadam", True, "report"),
     # 8-bit state: its θ differs from the fp32 reference by the state's rounding, so the deviation is reported.
     Variant("fadam8bit_fused", _fadam8bit_fused, "fadam8bit", True, "report"),
+    # gradient release (--variants fadam_fused_layerwise,fadam8bit_fused_layerwise): one fused call per tensor
+    Variant("fadam_fused_layerwise", _layerwise(lambda ps, **kw: FAdam(ps, lr=1e-3, fused=True, **kw)), "fadam",
+            extra=True),
+    Variant("fadam8bit_fused_layerwise", _layerwise(lambda ps, **kw: _fadam8bit_fused(ps, **kw)), "fadam8bit", True,
+            "report", extra=True),
 ]
 _FP32_KERNELS = ("cpu_fused", "triton_fadam")
 _8BIT_KERNELS = ("cpu_fused_8bit", "triton_fadam8bit")

@@ -9,6 +9,7 @@ import torch
 from torch import Tensor
 from torch.optim.optimizer import Optimizer
 
+from . import _release
 from ._flat import flat_fadam_group, get_layout, has_layouts, install_engine_hooks, loaded_step
 from ._fsdp1 import check_allow_flat_shards, refuse_fsdp1_flat
 from ._math import resolve_state_dtype
@@ -103,6 +104,12 @@ class FAdam(Optimizer):
             stochastic rounding, no memory), ``"kahan"`` (a 16-bit compensation buffer ``param_comp`` in the state
             keeps what rounding dropped; 2 bytes per parameter), or ``"auto"``: stochastic for 16-bit params, and
             nothing to round for float32/float64 ones. See :mod:`hf_fadam._rounding` and docs/precision.md.
+        gradient_release (bool, default False): step each parameter inside backward, as soon as autograd has
+            accumulated its gradient, and set its ``.grad`` to None (``Tensor.register_post_accumulate_grad_hook``):
+            the same result as ``step()`` after backward, bit for bit, without all gradients alive at once.
+            ``step()`` then steps only what still has a gradient. Refused for DTensor/FSDP1 parameters and in a
+            process group of several processes (DDP). A setting of this optimizer object, like
+            ``allow_flat_shards``; see :mod:`hf_fadam._release`.
         allow_flat_shards (bool, default False): accept FSDP1 (``FullyShardedDataParallel``) parameters, i.e. flat
             parameters or 1-D views of a process's shard, and take every RMS per shard. Without it such a parameter
             raises ``RuntimeError`` (in the constructor, or at its first step if FSDP1 wrapped it later); FSDP2
@@ -150,8 +157,11 @@ class FAdam(Optimizer):
         fused: bool | None = None,
         state_dtype: torch.dtype | str | None = None,
         param_rounding: str = "auto",
+        gradient_release: bool = False,
         allow_flat_shards: bool = False,
     ) -> None:
+        if not isinstance(gradient_release, bool):
+            raise ValueError(f"Invalid gradient_release: {gradient_release!r}; it must be True or False")
         defaults = dict(
             lr=lr,
             betas=betas,
@@ -176,6 +186,10 @@ class FAdam(Optimizer):
         # GradScaler hands grad_scale/found_inf to optimizers that unscale inside the step: the fused kernels do.
         if fused:
             self._step_supports_amp_scaling = True
+        self.gradient_release = gradient_release
+        if gradient_release:
+            _release.check_distributed(self)
+            _release.attach(self)
 
     @staticmethod
     def _validate_group(group: dict[str, Any]) -> None:
@@ -224,13 +238,22 @@ class FAdam(Optimizer):
                 raise ValueError(f"FAdam optimizes floating-point parameters only; got one of dtype {param.dtype}")
             refuse_fsdp1_flat(self, param)  # FSDP1 flat parameters / shard views, unless allow_flat_shards
         super().add_param_group(param_group)
+        if getattr(self, "gradient_release", False):
+            _release.attach(self)
 
     def __getstate__(self) -> dict[str, Any]:
         # torch pickles defaults, state and param_groups only; keep the FSDP1 opt-in through pickle and deepcopy.
-        return {**super().__getstate__(), "allow_flat_shards": getattr(self, "allow_flat_shards", False)}
+        return {
+            **super().__getstate__(),
+            "allow_flat_shards": getattr(self, "allow_flat_shards", False),
+            "gradient_release": getattr(self, "gradient_release", False),
+        }
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
+        self.__dict__.setdefault("gradient_release", False)
+        if self.gradient_release:  # a copy releases its own (copied) parameters
+            _release.attach(self)
         for group in self.param_groups:
             group.setdefault("maximize", False)
             group.setdefault("foreach", None)
@@ -249,8 +272,11 @@ class FAdam(Optimizer):
         comps: list[Tensor | None],
         streams: list[int],
         stream0: int = 0,
+        indices: tuple[int, ...] | None = None,
     ) -> None:
-        for j, param in enumerate(group["params"]):
+        params_ = group["params"]
+        for j in range(len(params_)) if indices is None else indices:
+            param = params_[j]
             grad = param.grad
             if grad is None:
                 continue
@@ -285,50 +311,85 @@ class FAdam(Optimizer):
                 loss = closure()
         grad_scale = getattr(self, "grad_scale", None)
         found_inf = getattr(self, "found_inf", None)
+        if getattr(self, "gradient_release", False):
+            _release.attach(self)  # parameters unfrozen since: released from their next backward on
         stream0 = 0  # a parameter's position over all groups: its stream of random bits (stochastic rounding)
         for group in self.param_groups:
+            self._step_group(group, stream0, grad_scale, found_inf)
             stream0 += len(group["params"])
-            if has_layouts() and any(get_layout(param) is not None for param in group["params"]):
-                # Flat partitions of an engine (DeepSpeed ZeRO), described by its integration: per fragment.
-                for param in group["params"]:
-                    layout = get_layout(param)
-                    if layout is None:
-                        raise RuntimeError("FAdam: a param group mixes flat partitions and ordinary parameters")
-                    flat_fadam_group(self.state, group, param, layout, grad_scale=grad_scale, found_inf=found_inf)
-                continue
-            params: list[Tensor] = []
-            grads: list[Tensor] = []
-            exp_avgs: list[Tensor] = []
-            fishers: list[Tensor] = []
-            state_steps: list[Tensor] = []
-            comps: list[Tensor | None] = []
-            streams: list[int] = []
-            self._init_group(group, params, grads, exp_avgs, fishers, state_steps, comps, streams,
-                             stream0 - len(group["params"]))  # fmt: skip
-            beta1, beta2 = group["betas"]
-            fadam(
-                params,
-                grads,
-                exp_avgs,
-                fishers,
-                state_steps,
-                foreach=group["foreach"],
-                fused=group["fused"],
-                grad_scale=grad_scale,
-                found_inf=found_inf,
-                lr=group["lr"],
-                beta1=beta1,
-                beta2=beta2,
-                eps=group["eps"],
-                weight_decay=group["weight_decay"],
-                clip=group["clip"],
-                p=group["p"],
-                maximize=group["maximize"],
-                param_rounding=group["param_rounding"],
-                param_comps=comps if any(c is not None for c in comps) else None,
-                streams=streams,
-            )
         return loss
+
+    @torch.no_grad()
+    def _step_param(self, param: Tensor) -> None:
+        """Step one parameter with its group's hyperparameters (gradient release; see :mod:`hf_fadam._release`)."""
+        where = self.__dict__.get("_param_index", {}).get(param)
+        groups = self.param_groups
+        if where is None or where[0] >= len(groups) or groups[where[0]]["params"][where[1]] is not param:
+            index, stream0 = {}, 0
+            for gi, group in enumerate(self.param_groups):
+                for j, p in enumerate(group["params"]):
+                    index[p] = (gi, j, stream0)
+                stream0 += len(group["params"])
+            self._param_index = index
+            where = index[param]
+        _release.check_distributed(self)
+        gi, j, stream0 = where
+        self._step_group(self.param_groups[gi], stream0, None, None, (j,))
+
+    def _step_group(
+        self,
+        group: dict[str, Any],
+        stream0: int,
+        grad_scale: Tensor | None,
+        found_inf: Tensor | None,
+        indices: tuple[int, ...] | None = None,
+    ) -> None:
+        """Step the parameters of ``group`` that have a gradient (only those at ``indices`` if given);
+        ``stream0`` is the position of the group's first parameter over all groups."""
+        if has_layouts() and any(get_layout(param) is not None for param in group["params"]):
+            if getattr(self, "gradient_release", False):
+                raise RuntimeError(
+                    f"{type(self).__name__}(gradient_release=True) refuses flat partitions (DeepSpeed ZeRO): the "
+                    f"engine reduces and partitions gradients after backward; use gradient_release=False"
+                )
+            # Flat partitions of an engine (DeepSpeed ZeRO), described by its integration: per fragment.
+            for param in group["params"]:
+                layout = get_layout(param)
+                if layout is None:
+                    raise RuntimeError("FAdam: a param group mixes flat partitions and ordinary parameters")
+                flat_fadam_group(self.state, group, param, layout, grad_scale=grad_scale, found_inf=found_inf)
+            return
+        params: list[Tensor] = []
+        grads: list[Tensor] = []
+        exp_avgs: list[Tensor] = []
+        fishers: list[Tensor] = []
+        state_steps: list[Tensor] = []
+        comps: list[Tensor | None] = []
+        streams: list[int] = []
+        self._init_group(group, params, grads, exp_avgs, fishers, state_steps, comps, streams, stream0, indices)
+        beta1, beta2 = group["betas"]
+        fadam(
+            params,
+            grads,
+            exp_avgs,
+            fishers,
+            state_steps,
+            foreach=group["foreach"],
+            fused=group["fused"],
+            grad_scale=grad_scale,
+            found_inf=found_inf,
+            lr=group["lr"],
+            beta1=beta1,
+            beta2=beta2,
+            eps=group["eps"],
+            weight_decay=group["weight_decay"],
+            clip=group["clip"],
+            p=group["p"],
+            maximize=group["maximize"],
+            param_rounding=group["param_rounding"],
+            param_comps=comps if any(c is not None for c in comps) else None,
+            streams=streams,
+        )
 
     def param_rounding_of(self, group: dict[str, Any], dtype: torch.dtype) -> str:
         """How this optimizer stores params of ``dtype`` in ``group``: ``"nearest"``, ``"stochastic"`` or ``"kahan"``

@@ -8,6 +8,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from . import _release
 from ._fsdp1 import refuse_fsdp1_flat
 from ._multi_tensor import _is_dtensor
 from ._quant import num_blocks, quantize_blockwise
@@ -50,6 +51,8 @@ class FAdam8bit(FAdam):
         block_size (int, default 256): elements per quantization block, a power of two in [32, 4096]. Smaller
             blocks follow the local magnitude more closely and cost 8 / block_size bytes per parameter of scales.
         min_8bit_size (int, default 4096): tensors with fewer elements keep fp32 state.
+        gradient_release (bool, default False): as :class:`hf_fadam.FAdam`: step each parameter inside backward as
+            soon as its gradient is accumulated, and free the gradient (:mod:`hf_fadam._release`).
         allow_flat_shards (bool, default False): as :class:`hf_fadam.FAdam`: accept FSDP1 flat parameters or shard
             views (per-shard RMS); without it they raise ``RuntimeError``.
 
@@ -89,6 +92,7 @@ class FAdam8bit(FAdam):
         block_size: int = 256,
         min_8bit_size: int = 4096,
         param_rounding: str = "auto",
+        gradient_release: bool = False,
         allow_flat_shards: bool = False,
     ) -> None:
         _check_block_size(block_size)
@@ -96,7 +100,8 @@ class FAdam8bit(FAdam):
         self._init_8bit = dict(block_size=block_size, min_8bit_size=min_8bit_size)
         super().__init__(
             params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, clip=clip, p=p, maximize=maximize,
-            foreach=foreach, fused=fused, param_rounding=param_rounding, allow_flat_shards=allow_flat_shards,
+            foreach=foreach, fused=fused, param_rounding=param_rounding, gradient_release=gradient_release,
+            allow_flat_shards=allow_flat_shards,
         )  # fmt: skip
         self.defaults.update(self._init_8bit)
         for group in self.param_groups:
@@ -120,8 +125,12 @@ class FAdam8bit(FAdam):
     def _quantized(self, param: Tensor, group: dict[str, Any]) -> bool:
         return param.numel() >= group["min_8bit_size"]
 
-    def _init_group_8bit(self, group: dict[str, Any], lists: dict[str, list], stream0: int) -> None:
-        for j, param in enumerate(group["params"]):
+    def _init_group_8bit(
+        self, group: dict[str, Any], lists: dict[str, list], stream0: int, indices: tuple[int, ...] | None = None
+    ) -> None:
+        params = group["params"]
+        for j in range(len(params)) if indices is None else indices:
+            param = params[j]
             grad = param.grad
             if grad is None:
                 continue
@@ -187,31 +196,44 @@ class FAdam8bit(FAdam):
                 loss = closure()
         grad_scale = getattr(self, "grad_scale", None)
         found_inf = getattr(self, "found_inf", None)
+        if getattr(self, "gradient_release", False):
+            _release.attach(self)  # parameters unfrozen since: released from their next backward on
         stream0 = 0  # a parameter's position over all groups: its stream of random bits (f's rounding)
         for group in self.param_groups:
-            names = ("params", "grads", "exp_avgs", "fishers", "exp_avg_scales", "fisher_scales", "state_steps")
-            lists: dict[str, list] = {name: [] for name in (*names, "layouts", "numels", "streams", "comps")}
-            self._init_group_8bit(group, lists, stream0)
+            self._step_group(group, stream0, grad_scale, found_inf)
             stream0 += len(group["params"])
-            beta1, beta2 = group["betas"]
-            # One call per sharding layout (the plain tensors first), in param order: the same on every rank.
-            calls: dict[Any, list[int]] = {}
-            for i, layout in enumerate(lists["layouts"]):
-                calls.setdefault(None if layout is None else (id(layout[0]), layout[1]), []).append(i)
-            for key, index in calls.items():
-                reduce = numels = None
-                if key is not None:
-                    from ._sharded import make_reduce
-
-                    mesh, dims = lists["layouts"][index[0]]
-                    reduce = make_reduce(mesh, dims)
-                    numels = [lists["numels"][i] for i in index]
-                comps = [lists["comps"][i] for i in index]
-                self._step_lists(group, [[lists[name][i] for i in index] for name in names], grad_scale,
-                                 found_inf, beta1, beta2, numels, reduce,
-                                 [lists["streams"][i] for i in index],
-                                 comps if any(c is not None for c in comps) else None)  # fmt: skip
         return loss
+
+    def _step_group(
+        self,
+        group: dict[str, Any],
+        stream0: int,
+        grad_scale: Tensor | None,
+        found_inf: Tensor | None,
+        indices: tuple[int, ...] | None = None,
+    ) -> None:
+        """Step the parameters of ``group`` that have a gradient (only those at ``indices`` if given)."""
+        names = ("params", "grads", "exp_avgs", "fishers", "exp_avg_scales", "fisher_scales", "state_steps")
+        lists: dict[str, list] = {name: [] for name in (*names, "layouts", "numels", "streams", "comps")}
+        self._init_group_8bit(group, lists, stream0, indices)
+        beta1, beta2 = group["betas"]
+        # One call per sharding layout (the plain tensors first), in param order: the same on every rank.
+        calls: dict[Any, list[int]] = {}
+        for i, layout in enumerate(lists["layouts"]):
+            calls.setdefault(None if layout is None else (id(layout[0]), layout[1]), []).append(i)
+        for key, index in calls.items():
+            reduce = numels = None
+            if key is not None:
+                from ._sharded import make_reduce
+
+                mesh, dims = lists["layouts"][index[0]]
+                reduce = make_reduce(mesh, dims)
+                numels = [lists["numels"][i] for i in index]
+            comps = [lists["comps"][i] for i in index]
+            self._step_lists(group, [[lists[name][i] for i in index] for name in names], grad_scale,
+                             found_inf, beta1, beta2, numels, reduce,
+                             [lists["streams"][i] for i in index],
+                             comps if any(c is not None for c in comps) else None)  # fmt: skip
 
     def _step_lists(
         self,

@@ -232,9 +232,11 @@ def test_handler_refuses_fadam_8bit_under_deepspeed(tmp_path, monkeypatch):
         args = _handler_args(tmp_path, {"zero_optimization": {"stage": stage}})
         with pytest.raises(ValueError, match="--optim fadam_8bit refuses this run: " + FADAM8BIT_REFUSAL):
             hft.fadam_8bit_kwargs(args)
-        ctx = types.SimpleNamespace(args=args, model=None, optimizer_kwargs={}, adam_kwargs={})
-        with pytest.raises(ValueError, match=FADAM8BIT_REFUSAL):
-            hft._fadam_8bit_handler(ctx)
+        for name in ("fadam_8bit", "fadam_8bit_layerwise"):  # the one handler of every hf_fadam name
+            args.optim, args.max_grad_norm, args.gradient_accumulation_steps = name, 0.0, 1
+            ctx = types.SimpleNamespace(args=args, model=None, optimizer_kwargs={}, adam_kwargs={})
+            with pytest.raises(ValueError, match=f"--optim {name} refuses this run: "):
+                hft._fadam_handler(ctx)
     monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
     with pytest.raises(ValueError, match=FADAM8BIT_REFUSAL):
         hft.fadam_8bit_kwargs(_handler_args(tmp_path, None))

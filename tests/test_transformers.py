@@ -235,7 +235,11 @@ def test_optim_args_table_covers_fadam_signature():
 
     params = inspect.signature(FAdam.__init__).parameters
     from_training_args = {"self", "params", "lr", "betas", "eps", "weight_decay"}
-    assert set(hft.OPTIM_ARGS) == set(params) - from_training_args
+    from_the_name = {"gradient_release"}  # --optim fadam_layerwise / fadam_8bit_layerwise
+    assert set(hft.OPTIM_ARGS) == set(params) - from_training_args - from_the_name
+    with pytest.raises(ValueError, match="optim_args key 'gradient_release' is not read from optim_args: set it "
+                       "with --optim fadam_layerwise or --optim fadam_8bit_layerwise"):  # fmt: skip
+        hft.parse_optim_args("gradient_release=true")
 
 
 def test_kwargs_from_training_args(tmp_path):
@@ -841,3 +845,212 @@ def test_launcher_module_under_distributed_launchers(tmp_path, launcher):
     assert report["optimizer_class"] == "hf_fadam.optimizer.FAdam" and report["global_step"] == 4
     assert report["world_size"] == 2
     assert any(entry.get("train_loss") for entry in report["log_history"])
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# --optim fadam_layerwise / fadam_8bit_layerwise: gradient release (each parameter stepped inside backward)
+# ----------------------------------------------------------------------------------------------------------------------
+
+LAYERWISE = {"fadam_layerwise": "fadam", "fadam_8bit_layerwise": "fadam_8bit"}
+
+
+class ReleaseRecorder(TrainerCallback):
+    """Per step: the lr of each param group, how many gradients are alive when the Trainer calls step(), the loss."""
+
+    def __init__(self):
+        self.lrs: list[list[float]] = []
+        self.alive: list[int] = []
+        self.optimizer = None
+
+    def on_pre_optimizer_step(self, args, state, control, optimizer=None, **kwargs):
+        self.optimizer = getattr(optimizer, "optimizer", optimizer)
+        self.lrs.append([group["lr"] for group in self.optimizer.param_groups])
+        self.alive.append(sum(p.grad is not None for g in self.optimizer.param_groups for p in g["params"]))
+
+
+def _train_layerwise(args: TrainingArguments, resume: str | None = None, eval_data: bool = False):
+    torch.manual_seed(args.seed)
+    recorder = ReleaseRecorder()
+    trainer = Trainer(
+        model=stock_clm.tiny_gpt2(),
+        args=args,
+        train_dataset=stock_clm.TokenDataset(64, 16, 32, seed=0),
+        eval_dataset=stock_clm.TokenDataset(16, 16, 32, seed=1) if eval_data else None,
+        callbacks=[recorder],
+    )
+    trainer.train(resume_from_checkpoint=resume)
+    return trainer, recorder
+
+
+def _assert_same_run(a: Trainer, b: Trainer) -> None:
+    assert _losses(a.state.log_history) == _losses(b.state.log_history)
+    wa, oa = _final_state(a)
+    wb, ob = _final_state(b)
+    for name, tensor in wa.items():
+        torch.testing.assert_close(wb[name], tensor, rtol=0, atol=0, msg=name)
+    assert oa["state"].keys() == ob["state"].keys()
+    for index, state in oa["state"].items():
+        for key, value in state.items():
+            torch.testing.assert_close(ob["state"][index][key], value, rtol=0, atol=0, msg=f"{index} {key}")
+
+
+def test_layerwise_names_parse_from_cli_json_and_pickle(tmp_path):
+    parser = HfArgumentParser(TrainingArguments)
+    assert "fadam_layerwise" in parser.format_help() and "fadam_8bit_layerwise" in parser.format_help()
+    for name, member in (("fadam_layerwise", "FADAM_LAYERWISE"), ("fadam_8bit_layerwise", "FADAM_8BIT_LAYERWISE")):
+        cli = ["--output_dir", str(tmp_path), "--optim", name, "--max_grad_norm", "0", "--optim_args", "clip=0.5"]
+        (args,) = parser.parse_args_into_dataclasses(cli)
+        assert args.optim is OptimizerNames[member]
+        (tmp_path / "a.json").write_text(json.dumps({"output_dir": str(tmp_path), "optim": name, "max_grad_norm": 0}))
+        assert parser.parse_json_file(tmp_path / "a.json")[0].optim is OptimizerNames[member]
+        restored = pickle.loads(pickle.dumps(args))
+        assert type(restored.optim) is str and restored.optim == name
+        if HAS_HANDLER_TABLE:
+            from transformers.trainer_optimizer import _OPTIMIZER_HANDLERS
+
+            assert _OPTIMIZER_HANDLERS[OptimizerNames[member]] is hft._fadam_handler
+
+
+@pytest.mark.parametrize("layerwise", list(LAYERWISE))
+def test_layerwise_equals_its_optimizer_step_for_step(tmp_path, layerwise):
+    """gradient_accumulation_steps=1, max_grad_norm=0: the same losses, weights and optimizer state, bit for bit;
+    no gradient is alive when the Trainer calls step()."""
+    common = dict(max_steps=5, max_grad_norm=0.0, lr_scheduler_type="cosine", warmup_steps=2, optim_args="clip=0.5")
+    plain, plain_rec = _train_layerwise(_args(tmp_path / "plain", optim=LAYERWISE[layerwise], **common))
+    released, rec = _train_layerwise(_args(tmp_path / "released", optim=layerwise, **common))
+    assert rec.optimizer.gradient_release is True and plain_rec.optimizer.gradient_release is False
+    assert type(rec.optimizer) is type(plain_rec.optimizer)
+    assert rec.alive == [0] * 5 and min(plain_rec.alive) > 0
+    assert rec.lrs == plain_rec.lrs
+    _assert_same_run(plain, released)
+
+
+def test_every_scheduler_drives_layerwise_lr(tmp_path):
+    failures = {}
+    for scheduler_type in SchedulerType:
+        name = scheduler_type.value
+        extra = {}
+        if name in METRIC_DRIVEN:
+            extra = dict(eval_strategy="steps", eval_steps=1, metric_for_best_model="loss")
+        args = _args(
+            tmp_path / name,
+            optim="fadam_layerwise",
+            max_grad_norm=0.0,
+            learning_rate=LR,
+            max_steps=MAX_STEPS,
+            warmup_steps=WARMUP,
+            lr_scheduler_type=name,
+            lr_scheduler_kwargs=dict(SCHEDULER_KWARGS.get(name, {})),
+            **extra,
+        )
+        try:
+            trainer, recorder = _train_layerwise(args, eval_data=name in METRIC_DRIVEN)
+        except Exception as exc:  # report every scheduler that fails, not only the first
+            failures[name] = repr(exc)
+            continue
+        eval_losses = [entry["eval_loss"] for entry in trainer.state.log_history if "eval_loss" in entry]
+        expected = _expected_lrs(name, args, eval_losses)
+        seen = [s[0] for s in recorder.lrs]
+        logged = [entry["learning_rate"] for entry in trainer.state.log_history if "learning_rate" in entry]
+        steps = {s["step"].item() for s in recorder.optimizer.state.values()}
+        if recorder.alive != [0] * MAX_STEPS or steps != {float(MAX_STEPS)}:
+            failures[name] = f"gradients alive {recorder.alive}, per-param steps {steps}"
+        elif not torch.allclose(torch.tensor(seen), torch.tensor(expected), rtol=1e-6, atol=1e-12):
+            failures[name] = f"lr {seen} != expected {expected}"
+        elif len(logged) != MAX_STEPS:
+            failures[name] = f"the Trainer logged {len(logged)} learning rates"
+    assert not failures, failures
+
+
+def test_layerwise_resume_from_checkpoint_matches_uninterrupted_run(tmp_path):
+    common = dict(
+        optim="fadam_8bit_layerwise", max_grad_norm=0.0, max_steps=8, save_strategy="steps", save_steps=4,
+        lr_scheduler_type="linear", warmup_steps=2,
+    )  # fmt: skip
+    full, _ = _train_layerwise(_args(tmp_path / "full", **common))
+    checkpoint = tmp_path / "full" / "checkpoint-4"
+    saved = torch.load(checkpoint / "optimizer.pt", weights_only=True)
+    assert {s["step"].item() for s in saved["state"].values()} == {4.0}
+    resumed, recorder = _train_layerwise(_args(tmp_path / "resumed", **common), resume=str(checkpoint))
+    assert len(recorder.lrs) == 4 and recorder.alive == [0] * 4
+    wa, oa = _final_state(full)
+    wb, ob = _final_state(resumed)
+    for name, tensor in wa.items():
+        torch.testing.assert_close(wb[name], tensor, rtol=0, atol=0, msg=name)
+    for index, state in oa["state"].items():
+        for key, value in state.items():
+            torch.testing.assert_close(ob["state"][index][key], value, rtol=0, atol=0)
+
+
+LAYERWISE_REFUSALS = [
+    (dict(), {}, r"max_grad_norm=1.0 \(1.0 is the Trainer's default\).*pass --max_grad_norm 0"),
+    (dict(max_grad_norm=0.0, gradient_accumulation_steps=2), {}, "gradient_accumulation_steps=2: gradient release"),
+    (dict(max_grad_norm=0.0, deepspeed={"zero_optimization": {"stage": 2}}), {}, "DeepSpeed reduces and partitions"),
+    (dict(max_grad_norm=0.0, fsdp="full_shard"), {}, "FSDP reduce-scatters the gradients"),
+    (dict(max_grad_norm=0.0), {"WORLD_SIZE": "2"}, r"a run of 2 processes \(WORLD_SIZE=2\): DDP averages"),
+]
+
+
+@pytest.mark.parametrize("name", list(LAYERWISE))
+@pytest.mark.parametrize("overrides, env, message", LAYERWISE_REFUSALS)
+def test_layerwise_refuses_what_it_cannot_run_exactly(tmp_path, monkeypatch, name, overrides, env, message):
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    with pytest.raises(ValueError, match=f"--optim {name} refuses this run: " + message):
+        TrainingArguments(output_dir=str(tmp_path), optim=name, report_to="none", use_cpu=True, **overrides)
+
+
+def test_layerwise_refuses_fp16_and_the_handler_checks_again(tmp_path):
+    args = _namespace_args(tmp_path, optim=OptimizerNames.FADAM_LAYERWISE, max_grad_norm=0.0, fp16=True)
+    with pytest.raises(ValueError, match="--optim fadam_layerwise refuses this run: --fp16: GradScaler"):
+        hft.optimizer_cls_and_kwargs(args)
+    args = _args(tmp_path, optim="fadam_layerwise", max_grad_norm=0.0)
+    args.gradient_accumulation_steps = 4  # set after construction: the Trainer's build checks again
+    with pytest.raises(ValueError, match="gradient_accumulation_steps=4"):
+        Trainer(model=stock_clm.tiny_gpt2(), args=args).create_optimizer()
+
+
+def test_layerwise_log_line_and_card(tmp_path, trainer_log):
+    args = _args(tmp_path, optim="fadam_8bit_layerwise", max_grad_norm=0.0, max_steps=2, optim_args="block_size=64")
+    trainer, _ = _train_layerwise(args)
+    (line,) = [r.getMessage() for r in trainer_log.records if "hf_fadam: the Trainer built" in r.getMessage()]
+    assert "the Trainer built FAdam8bit" in line
+    assert "gradient_release=True: each parameter stepped inside backward, its gradient freed" in line
+    assert "plain tensors (whole parameters)" in line
+    trainer.create_model_card(model_name="tiny")
+    card = (tmp_path / "README.md").read_text()
+    assert (
+        "Use FAdam8bit (hf_fadam.FAdam8bit, --optim fadam_8bit_layerwise) with betas=(0.9,0.999), epsilon=1e-08, "
+        "weight_decay=0.05, clip=1.0, p=0.5, block_size=64, min_8bit_size=4096, param_rounding=auto, "
+        "gradient_release=True" in card
+    )
+    assert "OptimizerNames" not in card and "- fadam" in card.split("---")[1]
+
+
+def test_fadam_8bit_card_line_lists_its_settings(tmp_path):
+    args = _args(tmp_path, optim="fadam_8bit", optim_args="block_size=128,min_8bit_size=1024,clip=0.5")
+    line = hft.describe_optimizer(args)
+    assert line.startswith("Use FAdam8bit (hf_fadam.FAdam8bit, --optim fadam_8bit) with betas=(0.9,0.999)")
+    for part in ("weight_decay=0.05", "clip=0.5", "p=0.5", "block_size=128", "min_8bit_size=1024"):
+        assert part in line, (part, line)
+    assert "state_dtype" not in line and "gradient_release" not in line
+
+
+def test_training_arguments_errors_of_others_carry_no_hf_fadam_frame(tmp_path):
+    """Arguments are still checked when built, but only FAdam's own errors show a frame of hf_fadam."""
+    import traceback
+
+    bad = [
+        dict(optim="not_an_optimizer"),
+        dict(eval_strategy="steps", load_best_model_at_end=True, save_strategy="epoch"),
+        dict(optim="adamw_torch", lr_scheduler_type="no_such_schedule"),
+    ]
+    for overrides in bad:
+        with pytest.raises(ValueError) as info:
+            TrainingArguments(output_dir=str(tmp_path), report_to="none", **overrides)
+        frames = [frame.filename for frame in traceback.extract_tb(info.value.__traceback__)]
+        assert not [f for f in frames if "hf_fadam" in f], (overrides, frames)
+    with pytest.raises(ValueError, match="Invalid clip: -1.0") as info:
+        TrainingArguments(output_dir=str(tmp_path), report_to="none", optim="fadam", optim_args="clip=-1")
+    assert any("hf_fadam" in frame.filename for frame in traceback.extract_tb(info.value.__traceback__))
+    assert TrainingArguments.optim == TrainingArguments.__dataclass_fields__["optim"].default

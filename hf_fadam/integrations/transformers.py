@@ -48,6 +48,8 @@ __all__ = [
     "describe_optimizer",
     "fadam_cls_and_kwargs",
     "is_registered",
+    "layerwise_problem",
+    "optimizer_cls_and_kwargs",
     "parse_optim_args",
     "register",
     "validate_training_args",
@@ -60,6 +62,19 @@ MEMBER_NAME = "FADAM"
 # --optim fadam_8bit: hf_fadam.FAdam8bit (8-bit blockwise state), with FAdam's optim_args plus OPTIM_ARGS_8BIT.
 OPTIM_NAME_8BIT = "fadam_8bit"
 MEMBER_NAME_8BIT = "FADAM_8BIT"
+# --optim fadam_layerwise / fadam_8bit_layerwise: the same optimizers with gradient_release=True (each parameter is
+# stepped inside backward and its gradient freed; hf_fadam._release), for runs that layerwise_problem() accepts.
+OPTIM_NAME_LAYERWISE = "fadam_layerwise"
+MEMBER_NAME_LAYERWISE = "FADAM_LAYERWISE"
+OPTIM_NAME_8BIT_LAYERWISE = "fadam_8bit_layerwise"
+MEMBER_NAME_8BIT_LAYERWISE = "FADAM_8BIT_LAYERWISE"
+#: Every ``--optim`` name hf_fadam adds: name -> (OptimizerNames member name, 8-bit state, gradient release).
+OPTIM_NAMES: dict[str, tuple[str, bool, bool]] = {
+    OPTIM_NAME: (MEMBER_NAME, False, False),
+    OPTIM_NAME_8BIT: (MEMBER_NAME_8BIT, True, False),
+    OPTIM_NAME_LAYERWISE: (MEMBER_NAME_LAYERWISE, False, True),
+    OPTIM_NAME_8BIT_LAYERWISE: (MEMBER_NAME_8BIT_LAYERWISE, True, True),
+}
 MODEL_CARD_TAG = "fadam"
 # Set to 1 to let hf_fadam patch transformers even where transformers already defines --optim fadam itself.
 FORCE_ENV_VAR = "HF_FADAM_FORCE"
@@ -142,6 +157,8 @@ _FROM_TRAINING_ARGS = {
     "eps": "--adam_epsilon",
     "epsilon": "--adam_epsilon",
     "weight_decay": "--weight_decay",
+    # chosen by the name, so that the refusals of layerwise_problem() always apply
+    "gradient_release": "--optim fadam_layerwise or --optim fadam_8bit_layerwise",
 }
 
 
@@ -189,6 +206,57 @@ def parse_optim_args(
 def is_fadam(optim: Any) -> bool:
     """Whether ``TrainingArguments.optim`` names FAdam (the enum member, or the plain string after unpickling)."""
     return getattr(optim, "value", optim) == OPTIM_NAME
+
+
+def fadam_variant(optim: Any) -> tuple[str, bool, bool] | None:
+    """``(name, eight_bit, layerwise)`` when ``TrainingArguments.optim`` is one of hf_fadam's names, else None."""
+    name = getattr(optim, "value", optim)
+    if not isinstance(name, str) or name not in OPTIM_NAMES:
+        return None
+    _, eight_bit, layerwise = OPTIM_NAMES[name]
+    return name, eight_bit, layerwise
+
+
+def layerwise_problem(args: Any) -> str | None:
+    """Why gradient release (``--optim fadam_layerwise``/``fadam_8bit_layerwise``) cannot give this run's result
+    exactly, or None. Each released parameter is stepped inside backward with the gradient autograd has just
+    accumulated, so nothing may need all gradients first or change them after backward."""
+    accumulation = getattr(args, "gradient_accumulation_steps", 1) or 1
+    if accumulation > 1:
+        return (
+            f"gradient_accumulation_steps={accumulation}: gradient release steps at every backward, so gradients "
+            f"cannot be summed over micro-batches; use --gradient_accumulation_steps 1 (a larger "
+            f"--per_device_train_batch_size) or --optim fadam"
+        )
+    max_norm = getattr(args, "max_grad_norm", None)
+    if max_norm is not None and max_norm > 0:
+        return (
+            f"max_grad_norm={max_norm} (1.0 is the Trainer's default): clipping by the global gradient norm needs "
+            f"every gradient at once, and gradient release frees each one as backward produces it; pass "
+            f"--max_grad_norm 0 (FAdam clips its natural gradient per tensor itself: optim_args clip, default 1.0)"
+        )
+    if getattr(args, "fp16", False):
+        return (
+            "--fp16: GradScaler must see every gradient (to unscale it and to skip a step that overflowed) before "
+            "anything is stepped; use --bf16 or float32"
+        )
+    if _is_deepspeed_run(args):
+        return "DeepSpeed reduces and partitions the gradients after backward; use --optim fadam"
+    if getattr(args, "fsdp", None) or _truthy_env("ACCELERATE_USE_FSDP"):
+        return "FSDP reduce-scatters the gradients after backward; use --optim fadam"
+    world = os.environ.get("WORLD_SIZE", "1")
+    if world.isdigit() and int(world) > 1:
+        return (
+            f"a run of {world} processes (WORLD_SIZE={world}): DDP averages the gradients across processes after "
+            f"backward, so a step inside backward would see this process's gradient alone; use --optim fadam"
+        )
+    return None
+
+
+def _refuse_layerwise(args: Any, name: str) -> None:
+    problem = layerwise_problem(args)
+    if problem is not None:
+        raise ValueError(f"--optim {name} refuses this run: {problem}")
 
 
 def _truthy_env(name: str) -> bool:
@@ -315,10 +383,10 @@ def validate_training_args(args: Any) -> None:
     Checks ``optim_args`` (:func:`parse_optim_args`) and then every hyperparameter as FAdam's constructor does (e.g.
     ``Invalid clip: -1.0``), without a model. The DeepSpeed/FSDP1 guard needs the model and stays at build time.
     """
-    optim = getattr(args, "optim", None)
-    eight_bit = is_fadam_8bit(optim)
-    if not (is_fadam(optim) or eight_bit):
+    variant = fadam_variant(getattr(args, "optim", None))
+    if variant is None:
         return
+    name, eight_bit, layerwise = variant
     from hf_fadam.optimizer import FAdam
 
     options = parse_optim_args(getattr(args, "optim_args", None), OPTIM_ARGS_8BIT if eight_bit else None)
@@ -327,9 +395,11 @@ def validate_training_args(args: Any) -> None:
         from hf_fadam.optimizer_8bit import _check_block_size, _check_min_size
 
         if "state_dtype" in options:
-            raise ValueError("optim_args key 'state_dtype' does not apply to --optim fadam_8bit (its state is 8-bit)")
+            raise ValueError(f"optim_args key 'state_dtype' does not apply to --optim {name} (its state is 8-bit)")
         _check_block_size(options.pop("block_size", 256))
         _check_min_size(options.pop("min_8bit_size", 4096))
+    if layerwise:
+        _refuse_layerwise(args, name)
     group = _fadam_defaults()
     group.update(
         lr=args.learning_rate,
@@ -342,7 +412,12 @@ def validate_training_args(args: Any) -> None:
 
 
 def fadam_cls_and_kwargs(args: Any, model: Any = None) -> tuple[type, dict[str, Any]]:
-    """``(FAdam, kwargs)`` for ``Trainer(optimizer_cls_and_kwargs=...)``: FAdam in a Trainer without any patching."""
+    """``(class, kwargs)`` for ``Trainer(optimizer_cls_and_kwargs=...)``: FAdam in a Trainer without any patching.
+
+    The class and settings of ``args.optim`` where it is one of hf_fadam's names (:func:`optimizer_cls_and_kwargs`),
+    else :class:`hf_fadam.FAdam` with FAdam's reading of ``args``."""
+    if fadam_variant(getattr(args, "optim", None)) is not None:
+        return optimizer_cls_and_kwargs(args, model)
     from hf_fadam.optimizer import FAdam
 
     return FAdam, fadam_kwargs(args, model)
@@ -405,8 +480,39 @@ def describe_built_optimizer(optimizer: Any) -> str:
         f"lr={defaults['lr']}, betas=({beta1}, {beta2}), eps={defaults['eps']}, weight_decay per param group="
         f"[{decays}], clip={defaults['clip']}, p={defaults['p']}, maximize={defaults['maximize']}, "
         f"state_dtype={state_dtype}, foreach={defaults['foreach']}, fused={defaults['fused']}, "
-        f"{describe_param_rounding(optimizer)}"
-    )
+        f"{describe_param_rounding(optimizer)}; steps {describe_stepped_tensors(optimizer)}"
+        + ("; gradient_release=True: each parameter stepped inside backward, its gradient freed"
+           if getattr(optimizer, "gradient_release", False) else "")
+    )  # fmt: skip
+
+
+def describe_stepped_tensors(optimizer: Any) -> str:
+    """What the optimizer's params are, so that an engine that silently fell back shows in the log: DTensor shards
+    (FSDP2/TP), DeepSpeed flat partitions, FSDP1 flat shards, or plain tensors (one process, DDP)."""
+    from hf_fadam._flat import get_layout, has_layouts
+    from hf_fadam._fsdp1 import is_fsdp1_flat
+    from hf_fadam._multi_tensor import _is_dtensor
+
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    dtensors = [p for p in params if _is_dtensor(p)]
+    if dtensors:
+        meshes = sorted({str(tuple(p.device_mesh.shape)) for p in dtensors})
+        return (
+            f"{len(dtensors)} DTensor parameters (FSDP2/TP shards of whole logical tensors, mesh {', '.join(meshes)})"
+            + (f" and {len(params) - len(dtensors)} plain tensors" if len(dtensors) < len(params) else "")
+        )
+    if has_layouts() and any(get_layout(p) is not None for p in params):
+        n = sum(get_layout(p).num_slots for p in params if get_layout(p) is not None)
+        return f"{len(params)} DeepSpeed flat partitions (mapped back to {n} parameters: per-tensor RMS)"
+    flat = sum(1 for p in params if is_fsdp1_flat(p))
+    if flat:
+        return f"{flat} FSDP1 flat shards (per-shard RMS: allow_flat_shards=True)"
+    world = ""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        world = f", replicated on {dist.get_world_size()} processes (DDP)"
+    return f"{len(params)} plain tensors (whole parameters{world})"
 
 
 def describe_param_rounding(optimizer: Any) -> str:
@@ -433,16 +539,39 @@ def _on_fadam_built(trainer: Any, optimizer: Any) -> None:
     _trainer_logger().info(describe_built_optimizer(optimizer))
 
 
-def _fadam_handler(ctx: Any) -> tuple[type, dict[str, Any]]:
-    """Handler for ``trainer_optimizer._OPTIMIZER_HANDLERS`` (transformers >= 5.2)."""
-    from hf_fadam.optimizer import FAdam
+def optimizer_cls_and_kwargs(args: Any, model: Any = None) -> tuple[type, dict[str, Any]]:
+    """The class and keyword arguments the Trainer builds for ``args.optim`` (any of :data:`OPTIM_NAMES`).
 
-    kwargs = fadam_kwargs(ctx.args, ctx.model)
+    ``fadam``: :class:`hf_fadam.FAdam`; ``fadam_8bit``: :class:`hf_fadam.FAdam8bit`; the ``_layerwise`` names the same
+    with ``gradient_release=True``, after :func:`layerwise_problem` found nothing to refuse.
+    """
+    variant = fadam_variant(args.optim)
+    if variant is None:
+        raise ValueError(f"--optim {getattr(args.optim, 'value', args.optim)} is not one of {sorted(OPTIM_NAMES)}")
+    name, eight_bit, layerwise = variant
+    if layerwise:
+        _refuse_layerwise(args, name)
+    if eight_bit:
+        from hf_fadam.optimizer_8bit import FAdam8bit
+
+        cls, kwargs = FAdam8bit, fadam_8bit_kwargs(args, model, name)
+    else:
+        from hf_fadam.optimizer import FAdam
+
+        cls, kwargs = FAdam, fadam_kwargs(args, model)
+    if layerwise:
+        kwargs["gradient_release"] = True
+    return cls, kwargs
+
+
+def _fadam_handler(ctx: Any) -> tuple[type, dict[str, Any]]:
+    """Handler of every hf_fadam name for ``trainer_optimizer._OPTIMIZER_HANDLERS`` (transformers >= 5.2)."""
+    cls, kwargs = optimizer_cls_and_kwargs(ctx.args, ctx.model)
     # The Trainer computed lr/betas/eps from the same args; take its values in case a subclass adjusted them.
     kwargs.update(ctx.optimizer_kwargs)
     kwargs.update(ctx.adam_kwargs)
     _tag_model(ctx.model)
-    return FAdam, kwargs
+    return cls, kwargs
 
 
 def is_fadam_8bit(optim: Any) -> bool:
@@ -450,50 +579,48 @@ def is_fadam_8bit(optim: Any) -> bool:
     return getattr(optim, "value", optim) == OPTIM_NAME_8BIT
 
 
-def fadam_8bit_kwargs(args: Any, model: Any = None) -> dict[str, Any]:
+def fadam_8bit_kwargs(args: Any, model: Any = None, name: str = OPTIM_NAME_8BIT) -> dict[str, Any]:
     """The keyword arguments of :class:`hf_fadam.FAdam8bit`: FAdam's (:func:`fadam_kwargs`) plus ``block_size`` and
     ``min_8bit_size`` from ``optim_args``. DeepSpeed and FSDP runs are refused (FAdam8bit steps whole tensors)."""
     if _is_deepspeed_run(args):
         from hf_fadam.integrations.deepspeed import fadam8bit_refusal
 
-        raise ValueError(f"--optim fadam_8bit refuses this run: {fadam8bit_refusal()}")
+        raise ValueError(f"--optim {name} refuses this run: {fadam8bit_refusal()}")
     if getattr(args, "fsdp", None) or _truthy_env("ACCELERATE_USE_FSDP"):
         raise ValueError(
-            "--optim fadam_8bit supports single-process and DDP runs; under DeepSpeed or FSDP use --optim fadam"
+            f"--optim {name} supports single-process and DDP runs; under DeepSpeed or FSDP use --optim fadam"
         )
     kwargs = fadam_kwargs(args, model, extra=OPTIM_ARGS_8BIT)
     if "state_dtype" in kwargs:
-        raise ValueError("optim_args key 'state_dtype' does not apply to --optim fadam_8bit (its state is 8-bit)")
+        raise ValueError(f"optim_args key 'state_dtype' does not apply to --optim {name} (its state is 8-bit)")
     return kwargs
 
 
-def _fadam_8bit_handler(ctx: Any) -> tuple[type, dict[str, Any]]:
-    """Handler of ``fadam_8bit`` for ``trainer_optimizer._OPTIMIZER_HANDLERS`` (transformers >= 5.2)."""
-    from hf_fadam.optimizer_8bit import FAdam8bit
-
-    kwargs = fadam_8bit_kwargs(ctx.args, ctx.model)
-    kwargs.update(ctx.optimizer_kwargs)
-    kwargs.update(ctx.adam_kwargs)
-    _tag_model(ctx.model)
-    return FAdam8bit, kwargs
-
-
 def describe_optimizer(args: Any) -> str:
-    """The model card's ``optimizer`` line for a FAdam run: the class and every hyperparameter it ran with."""
+    """The model card's ``optimizer`` line for a run of any hf_fadam name: the class and every setting it ran with."""
+    name, eight_bit, layerwise = fadam_variant(args.optim) or (OPTIM_NAME, False, False)
     values = _fadam_defaults()
+    if eight_bit:
+        values.pop("state_dtype", None)
+        values.update(block_size=256, min_8bit_size=4096)
     try:
-        values.update(fadam_kwargs(args))
+        values.update(fadam_8bit_kwargs(args, None, name) if eight_bit else fadam_kwargs(args))
     except ValueError:  # a run that the handler refused or that overrode the optimizer: describe what args say
         values.update(lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_epsilon)
         values.update(weight_decay=args.weight_decay)
     beta1, beta2 = values["betas"]
-    extra = ", ".join(f"{key}={values[key]}" for key in ("maximize", "state_dtype") if values.get(key))
-    extra = ", ".join(filter(None, (extra, f"param_rounding={values.get('param_rounding', 'auto')}")))
-    extra = f", {extra}" if extra else ""
+    keys = ["maximize", "state_dtype"] if not eight_bit else ["maximize"]
+    extra = [f"{key}={values[key]}" for key in keys if values.get(key)]
+    if eight_bit:
+        extra += [f"block_size={values['block_size']}", f"min_8bit_size={values['min_8bit_size']}"]
+    extra.append(f"param_rounding={values.get('param_rounding', 'auto')}")
+    if layerwise:
+        extra.append("gradient_release=True (each parameter stepped inside backward, its gradient freed)")
     optimizer_args = args.optim_args or "No additional optimizer arguments"
+    cls = "FAdam8bit" if eight_bit else "FAdam"
     return (
-        f"Use FAdam (hf_fadam.FAdam, --optim {OPTIM_NAME}) with betas=({beta1},{beta2}), epsilon={values['eps']}, "
-        f"weight_decay={values['weight_decay']}, clip={values['clip']}, p={values['p']}{extra} and "
+        f"Use {cls} (hf_fadam.{cls}, --optim {name}) with betas=({beta1},{beta2}), epsilon={values['eps']}, "
+        f"weight_decay={values['weight_decay']}, clip={values['clip']}, p={values['p']}, {', '.join(extra)} and "
         f"optimizer_args={optimizer_args}"
     )
 
@@ -507,7 +634,7 @@ def _reduce_ex_str_for_fadam(original: Callable[..., Any]) -> Callable[..., Any]
     def __reduce_ex__(self: Any, protocol: int) -> Any:
         # Only our member pickles as a plain str: a training_args.bin then loads without hf_fadam, where
         # OptimizerNames("fadam") would fail. Nothing in transformers needs args.optim to be the member itself.
-        if self._value_ in (OPTIM_NAME, OPTIM_NAME_8BIT):
+        if self._value_ in OPTIM_NAMES:
             return str, (self._value_,)
         return original(self, protocol)
 
@@ -559,10 +686,9 @@ def register_enum() -> bool:
                 )
             _state["native"] = True
             return False
-        if OPTIM_NAME not in OptimizerNames._value2member_map_:
-            _add_enum_member(OptimizerNames, MEMBER_NAME, OPTIM_NAME)
-        if OPTIM_NAME_8BIT not in OptimizerNames._value2member_map_:
-            _add_enum_member(OptimizerNames, MEMBER_NAME_8BIT, OPTIM_NAME_8BIT)
+        for name, (member_name, _, _) in OPTIM_NAMES.items():
+            if name not in OptimizerNames._value2member_map_:
+                _add_enum_member(OptimizerNames, member_name, name)
         original = OptimizerNames.__reduce_ex__
         if not getattr(original, _MARK, False):
             type.__setattr__(OptimizerNames, "__reduce_ex__", _reduce_ex_str_for_fadam(original))
@@ -579,22 +705,14 @@ def _patch_get_optimizer_cls_and_kwargs(trainer_cls: type, has_handler_table: bo
     original_func = original.__func__ if isinstance(original, staticmethod) else original
 
     def get_optimizer_cls_and_kwargs(args: Any, model: Any = None) -> tuple[Any, Any]:
-        if is_fadam_8bit(args.optim):
-            fadam_8bit_kwargs(args, model)  # checks optim_args with errors that name the key
-            if has_handler_table:
-                return original_func(args, model)
-            from hf_fadam.optimizer_8bit import FAdam8bit
-
-            _tag_model(model)
-            return FAdam8bit, fadam_8bit_kwargs(args, model)
-        if not is_fadam(args.optim):
+        if fadam_variant(args.optim) is None:
             return original_func(args, model)
         if has_handler_table:
-            # Check optim_args here: the Trainer splits it before calling our handler, and a malformed pair would
-            # fail there with "not enough values to unpack" instead of an error that names it.
-            parse_optim_args(args.optim_args)
+            # Check everything here: the Trainer splits optim_args before calling our handler, and a malformed pair
+            # would fail there with "not enough values to unpack" instead of an error that names it.
+            optimizer_cls_and_kwargs(args, model)
             return original_func(args, model)
-        cls, kwargs = fadam_cls_and_kwargs(args, model)
+        cls, kwargs = optimizer_cls_and_kwargs(args, model)
         _tag_model(model)
         return cls, kwargs
 
@@ -605,20 +723,58 @@ def _patch_get_optimizer_cls_and_kwargs(trainer_cls: type, has_handler_table: bo
     type.__setattr__(trainer_cls, "get_optimizer_cls_and_kwargs", wrapper)
 
 
+class _CheckedOptim:
+    """``TrainingArguments.optim`` as a data descriptor that checks hf_fadam's arguments when ``__post_init__`` sets
+    the enum member (``self.optim = OptimizerNames(self.optim)``), so a bad ``optim_args`` or hyperparameter fails
+    when the arguments are built or parsed, before any model is loaded.
+
+    A descriptor rather than a wrapper of ``__post_init__``: a wrapper would put a frame of hf_fadam on the
+    traceback of every ``TrainingArguments`` error, also where FAdam is not involved; this frame is on the stack
+    only while ``optim`` is assigned, and raises only for hf_fadam's own names. The value lives in the instance's
+    ``__dict__``, so pickling, copying and ``dataclasses`` see a plain field; the class attribute still reads as
+    the field's default.
+    """
+
+    def __init__(self, default: Any) -> None:
+        self.default = default
+        setattr(self, _MARK, True)
+
+    def __get__(self, instance: Any, owner: Any = None) -> Any:
+        if instance is None:
+            return self.default
+        try:
+            return instance.__dict__["optim"]
+        except KeyError:
+            raise AttributeError("optim") from None
+
+    def __set__(self, instance: Any, value: Any) -> None:
+        instance.__dict__["optim"] = value
+        # Only the enum member that __post_init__ assigns, once every field is set (not __init__'s raw value).
+        if _is_member(value):
+            if all(name in instance.__dict__ for name in _CHECKED_FIELDS):
+                validate_training_args(instance)
+
+
+_CHECKED_FIELDS = (
+    "optim_args", "learning_rate", "adam_beta1", "adam_beta2", "adam_epsilon", "weight_decay", "max_grad_norm",
+    "gradient_accumulation_steps", "fp16", "deepspeed", "fsdp",
+)  # fmt: skip
+
+
+def _is_member(value: Any) -> bool:
+    """An ``OptimizerNames`` member of hf_fadam's (a plain string is ``__init__``'s raw value)."""
+    return fadam_variant(value) is not None and type(value) is not str
+
+
 def _patch_post_init() -> None:
+    """Install :class:`_CheckedOptim` on ``TrainingArguments`` (its subclasses inherit it unless they redeclare
+    ``optim``; the Trainer checks the same arguments again when it builds the optimizer)."""
     from transformers.training_args import TrainingArguments
 
-    original = TrainingArguments.__dict__["__post_init__"]
-    if getattr(original, _MARK, False):
+    current = TrainingArguments.__dict__.get("optim")
+    if getattr(current, _MARK, False):
         return
-
-    @functools.wraps(original)
-    def __post_init__(self: Any) -> None:
-        original(self)
-        validate_training_args(self)
-
-    setattr(__post_init__, _MARK, True)
-    type.__setattr__(TrainingArguments, "__post_init__", __post_init__)
+    type.__setattr__(TrainingArguments, "optim", _CheckedOptim(current))
 
 
 def _unwrap_optimizer(optimizer: Any) -> Any:
@@ -660,7 +816,7 @@ def _patch_model_card() -> None:
     original_func = original.__func__
 
     def from_trainer(cls: type, trainer: Any, *args: Any, **kwargs: Any) -> Any:
-        if not is_fadam(getattr(trainer.args, "optim", None)):
+        if fadam_variant(getattr(trainer.args, "optim", None)) is None:
             return original_func(cls, trainer, *args, **kwargs)
         tags = kwargs.get("tags")
         tags = [] if tags is None else [tags] if isinstance(tags, str) else list(tags)
@@ -694,8 +850,8 @@ def register_trainer() -> bool:
         if handlers is not None:
             from transformers.training_args import OptimizerNames
 
-            handlers[OptimizerNames(OPTIM_NAME)] = _fadam_handler
-            handlers[OptimizerNames(OPTIM_NAME_8BIT)] = _fadam_8bit_handler
+            for name in OPTIM_NAMES:
+                handlers[OptimizerNames(name)] = _fadam_handler
         _patch_get_optimizer_cls_and_kwargs(trainer_module.Trainer, has_handler_table=handlers is not None)
         _patch_create_optimizer(trainer_module.Trainer)
         _patch_model_card()
