@@ -35,7 +35,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ._math import resolve_state_dtype
+from ._math import group_hyperparameters, resolve_state_dtype
 from ._rounding import SIXTEEN_BIT, resolve_param_rounding
 
 
@@ -222,17 +222,7 @@ def flat_fadam_group(
             "flat partitions. Keep the engine's float32 master weights and float32 optimizer state (DeepSpeed's "
             "default), or set param_rounding='nearest' and state_dtype=None to accept round-to-nearest."
         )
-    beta1, beta2 = group["betas"]
-    hyper = dict(
-        lr=group["lr"],
-        beta1=beta1,
-        beta2=beta2,
-        eps=group["eps"],
-        weight_decay=group["weight_decay"],
-        clip=group["clip"],
-        p=group["p"],
-        maximize=group["maximize"],
-    )
+    hyper = group_hyperparameters(group)
     args = (views(flat), views(grad), views(st["exp_avg"]), views(st["fisher"]), step_views)
     if not layout.starts:
         # Nothing of the group lives here: take part in the two collectives with empty sums.

@@ -96,3 +96,18 @@ def rms_from_norm(norm: Tensor, numel: int) -> Tensor:
 def rms(x: Tensor) -> Tensor:
     """RMS over all elements of one (whole, possibly sharded) tensor, as a 0-d tensor."""
     return rms_from_sumsq(x.square().sum(), x.numel())
+
+
+def group_hyperparameters(group: dict) -> dict:
+    """The scalar hyperparameters of a param group as the functional API takes them (``betas`` split in two)."""
+    beta1, beta2 = group["betas"]
+    return dict(
+        lr=group["lr"],
+        beta1=beta1,
+        beta2=beta2,
+        eps=group["eps"],
+        weight_decay=group["weight_decay"],
+        clip=group["clip"],
+        p=group["p"],
+        maximize=group["maximize"],
+    )

@@ -12,7 +12,7 @@ from torch.optim.optimizer import Optimizer
 from . import _release
 from ._flat import flat_fadam_group, get_layout, has_layouts, install_engine_hooks, loaded_step
 from ._fsdp1 import check_allow_flat_shards, refuse_fsdp1_flat
-from ._math import resolve_state_dtype
+from ._math import group_hyperparameters, resolve_state_dtype
 from ._rounding import check_param_rounding, resolve_param_rounding
 from ._state_checks import check_fp_state
 from .functional import describe_implementation, fadam
@@ -367,7 +367,6 @@ class FAdam(Optimizer):
         comps: list[Tensor | None] = []
         streams: list[int] = []
         self._init_group(group, params, grads, exp_avgs, fishers, state_steps, comps, streams, stream0, indices)
-        beta1, beta2 = group["betas"]
         fadam(
             params,
             grads,
@@ -378,14 +377,7 @@ class FAdam(Optimizer):
             fused=group["fused"],
             grad_scale=grad_scale,
             found_inf=found_inf,
-            lr=group["lr"],
-            beta1=beta1,
-            beta2=beta2,
-            eps=group["eps"],
-            weight_decay=group["weight_decay"],
-            clip=group["clip"],
-            p=group["p"],
-            maximize=group["maximize"],
+            **group_hyperparameters(group),
             param_rounding=group["param_rounding"],
             param_comps=comps if any(c is not None for c in comps) else None,
             streams=streams,

@@ -10,6 +10,7 @@ from torch import Tensor
 
 from . import _release
 from ._fsdp1 import refuse_fsdp1_flat
+from ._math import group_hyperparameters
 from ._multi_tensor import _is_dtensor
 from ._quant import num_blocks, quantize_blockwise
 from ._quant_step import _triton_backend_on_cpu, fadam8bit, resolve_implementation_8bit
@@ -216,7 +217,6 @@ class FAdam8bit(FAdam):
         names = ("params", "grads", "exp_avgs", "fishers", "exp_avg_scales", "fisher_scales", "state_steps")
         lists: dict[str, list] = {name: [] for name in (*names, "layouts", "numels", "streams", "comps")}
         self._init_group_8bit(group, lists, stream0, indices)
-        beta1, beta2 = group["betas"]
         # One call per sharding layout (the plain tensors first), in param order: the same on every rank.
         calls: dict[Any, list[int]] = {}
         for i, layout in enumerate(lists["layouts"]):
@@ -231,7 +231,7 @@ class FAdam8bit(FAdam):
                 numels = [lists["numels"][i] for i in index]
             comps = [lists["comps"][i] for i in index]
             self._step_lists(group, [[lists[name][i] for i in index] for name in names], grad_scale,
-                             found_inf, beta1, beta2, numels, reduce,
+                             found_inf, numels, reduce,
                              [lists["streams"][i] for i in index],
                              comps if any(c is not None for c in comps) else None)  # fmt: skip
 
@@ -241,8 +241,6 @@ class FAdam8bit(FAdam):
         tensor_lists: list[list],
         grad_scale: Tensor | None,
         found_inf: Tensor | None,
-        beta1: float,
-        beta2: float,
         numels: list[int] | None,
         reduce: Callable[[Tensor], object] | None,
         streams: list[int],
@@ -258,14 +256,7 @@ class FAdam8bit(FAdam):
             fused=group["fused"],
             grad_scale=grad_scale,
             found_inf=found_inf,
-            lr=group["lr"],
-            beta1=beta1,
-            beta2=beta2,
-            eps=group["eps"],
-            weight_decay=group["weight_decay"],
-            clip=group["clip"],
-            p=group["p"],
-            maximize=group["maximize"],
+            **group_hyperparameters(group),
             param_rounding=_rounding_8bit(group),
             param_comps=param_comps,
         )

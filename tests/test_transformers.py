@@ -161,13 +161,20 @@ class StepRecorder(TrainerCallback):
     def __init__(self):
         self.lrs: list[list[float]] = []
         self.grad_norms: list[float] = []
+        self.alive: list[int] = []  # gradients alive when the Trainer calls step() (0 under gradient release)
         self.fadam: FAdam | None = None
+
+    @property
+    def optimizer(self) -> FAdam | None:
+        return self.fadam
 
     def on_pre_optimizer_step(self, args, state, control, optimizer=None, **kwargs):
         self.fadam = getattr(optimizer, "optimizer", optimizer)
         self.lrs.append([group["lr"] for group in self.fadam.param_groups])
         grads = [p.grad for group in self.fadam.param_groups for p in group["params"] if p.grad is not None]
-        self.grad_norms.append(torch.linalg.vector_norm(torch.stack([g.norm() for g in grads])).item())
+        self.alive.append(len(grads))
+        norms = [g.norm() for g in grads] or [torch.zeros(())]
+        self.grad_norms.append(torch.linalg.vector_norm(torch.stack(norms)).item())
 
 
 def _train(args: TrainingArguments, resume: str | None = None, eval_data: bool = False):
@@ -433,15 +440,21 @@ def _expected_lrs(name: str, args: TrainingArguments, eval_losses: list[float]) 
     return lrs
 
 
-def test_every_scheduler_drives_fadam_lr(tmp_path):
+@pytest.mark.parametrize("optim", ["fadam", "fadam_layerwise"])
+def test_every_scheduler_drives_fadam_lr(tmp_path, optim):
+    """Also under gradient release: the hooks step with the lr the scheduler set, and no gradient outlives backward."""
     failures = {}
+    layerwise = optim.endswith("_layerwise")
     for scheduler_type in SchedulerType:
         name = scheduler_type.value
         extra = {}
         if name in METRIC_DRIVEN:
             extra = dict(eval_strategy="steps", eval_steps=1, metric_for_best_model="loss")
+        if layerwise:
+            extra["max_grad_norm"] = 0.0
         args = _args(
             tmp_path / name,
+            optim=optim,
             learning_rate=LR,
             max_steps=MAX_STEPS,
             warmup_steps=WARMUP,
@@ -458,8 +471,14 @@ def test_every_scheduler_drives_fadam_lr(tmp_path):
         expected = _expected_lrs(name, args, eval_losses)
         seen = recorder.lrs
         losses = _losses(trainer.state.log_history)
-        if not isinstance(recorder.fadam, FAdam) or len(seen) != MAX_STEPS:
-            failures[name] = f"optimizer {type(recorder.fadam)}, {len(seen)} steps"
+        steps = {state["step"].item() for state in recorder.fadam.state.values()}
+        logged = [entry["learning_rate"] for entry in trainer.state.log_history if "learning_rate" in entry]
+        if not isinstance(recorder.fadam, FAdam) or len(seen) != MAX_STEPS or len(logged) != MAX_STEPS:
+            failures[name] = f"optimizer {type(recorder.fadam)}, {len(seen)} steps, {len(logged)} lrs logged"
+        elif recorder.fadam.gradient_release != layerwise or (min(recorder.alive) == 0) != layerwise:
+            failures[name] = f"gradient_release {recorder.fadam.gradient_release}, alive {recorder.alive}"
+        elif steps != {float(MAX_STEPS)}:
+            failures[name] = f"per-parameter steps {steps}"
         elif any(len(set(step_lrs)) != 1 for step_lrs in seen):
             failures[name] = f"param groups disagree: {seen}"
         elif not torch.allclose(torch.tensor([s[0] for s in seen]), torch.tensor(expected), rtol=1e-6, atol=1e-12):
@@ -854,34 +873,6 @@ def test_launcher_module_under_distributed_launchers(tmp_path, launcher):
 LAYERWISE = {"fadam_layerwise": "fadam", "fadam_8bit_layerwise": "fadam_8bit"}
 
 
-class ReleaseRecorder(TrainerCallback):
-    """Per step: the lr of each param group, how many gradients are alive when the Trainer calls step(), the loss."""
-
-    def __init__(self):
-        self.lrs: list[list[float]] = []
-        self.alive: list[int] = []
-        self.optimizer = None
-
-    def on_pre_optimizer_step(self, args, state, control, optimizer=None, **kwargs):
-        self.optimizer = getattr(optimizer, "optimizer", optimizer)
-        self.lrs.append([group["lr"] for group in self.optimizer.param_groups])
-        self.alive.append(sum(p.grad is not None for g in self.optimizer.param_groups for p in g["params"]))
-
-
-def _train_layerwise(args: TrainingArguments, resume: str | None = None, eval_data: bool = False):
-    torch.manual_seed(args.seed)
-    recorder = ReleaseRecorder()
-    trainer = Trainer(
-        model=stock_clm.tiny_gpt2(),
-        args=args,
-        train_dataset=stock_clm.TokenDataset(64, 16, 32, seed=0),
-        eval_dataset=stock_clm.TokenDataset(16, 16, 32, seed=1) if eval_data else None,
-        callbacks=[recorder],
-    )
-    trainer.train(resume_from_checkpoint=resume)
-    return trainer, recorder
-
-
 def _assert_same_run(a: Trainer, b: Trainer) -> None:
     assert _losses(a.state.log_history) == _losses(b.state.log_history)
     wa, oa = _final_state(a)
@@ -916,8 +907,8 @@ def test_layerwise_equals_its_optimizer_step_for_step(tmp_path, layerwise):
     """gradient_accumulation_steps=1, max_grad_norm=0: the same losses, weights and optimizer state, bit for bit;
     no gradient is alive when the Trainer calls step()."""
     common = dict(max_steps=5, max_grad_norm=0.0, lr_scheduler_type="cosine", warmup_steps=2, optim_args="clip=0.5")
-    plain, plain_rec = _train_layerwise(_args(tmp_path / "plain", optim=LAYERWISE[layerwise], **common))
-    released, rec = _train_layerwise(_args(tmp_path / "released", optim=layerwise, **common))
+    plain, plain_rec = _train(_args(tmp_path / "plain", optim=LAYERWISE[layerwise], **common))
+    released, rec = _train(_args(tmp_path / "released", optim=layerwise, **common))
     assert rec.optimizer.gradient_release is True and plain_rec.optimizer.gradient_release is False
     assert type(rec.optimizer) is type(plain_rec.optimizer)
     assert rec.alive == [0] * 5 and min(plain_rec.alive) > 0
@@ -925,53 +916,16 @@ def test_layerwise_equals_its_optimizer_step_for_step(tmp_path, layerwise):
     _assert_same_run(plain, released)
 
 
-def test_every_scheduler_drives_layerwise_lr(tmp_path):
-    failures = {}
-    for scheduler_type in SchedulerType:
-        name = scheduler_type.value
-        extra = {}
-        if name in METRIC_DRIVEN:
-            extra = dict(eval_strategy="steps", eval_steps=1, metric_for_best_model="loss")
-        args = _args(
-            tmp_path / name,
-            optim="fadam_layerwise",
-            max_grad_norm=0.0,
-            learning_rate=LR,
-            max_steps=MAX_STEPS,
-            warmup_steps=WARMUP,
-            lr_scheduler_type=name,
-            lr_scheduler_kwargs=dict(SCHEDULER_KWARGS.get(name, {})),
-            **extra,
-        )
-        try:
-            trainer, recorder = _train_layerwise(args, eval_data=name in METRIC_DRIVEN)
-        except Exception as exc:  # report every scheduler that fails, not only the first
-            failures[name] = repr(exc)
-            continue
-        eval_losses = [entry["eval_loss"] for entry in trainer.state.log_history if "eval_loss" in entry]
-        expected = _expected_lrs(name, args, eval_losses)
-        seen = [s[0] for s in recorder.lrs]
-        logged = [entry["learning_rate"] for entry in trainer.state.log_history if "learning_rate" in entry]
-        steps = {s["step"].item() for s in recorder.optimizer.state.values()}
-        if recorder.alive != [0] * MAX_STEPS or steps != {float(MAX_STEPS)}:
-            failures[name] = f"gradients alive {recorder.alive}, per-param steps {steps}"
-        elif not torch.allclose(torch.tensor(seen), torch.tensor(expected), rtol=1e-6, atol=1e-12):
-            failures[name] = f"lr {seen} != expected {expected}"
-        elif len(logged) != MAX_STEPS:
-            failures[name] = f"the Trainer logged {len(logged)} learning rates"
-    assert not failures, failures
-
-
 def test_layerwise_resume_from_checkpoint_matches_uninterrupted_run(tmp_path):
     common = dict(
         optim="fadam_8bit_layerwise", max_grad_norm=0.0, max_steps=8, save_strategy="steps", save_steps=4,
         lr_scheduler_type="linear", warmup_steps=2,
     )  # fmt: skip
-    full, _ = _train_layerwise(_args(tmp_path / "full", **common))
+    full, _ = _train(_args(tmp_path / "full", **common))
     checkpoint = tmp_path / "full" / "checkpoint-4"
     saved = torch.load(checkpoint / "optimizer.pt", weights_only=True)
     assert {s["step"].item() for s in saved["state"].values()} == {4.0}
-    resumed, recorder = _train_layerwise(_args(tmp_path / "resumed", **common), resume=str(checkpoint))
+    resumed, recorder = _train(_args(tmp_path / "resumed", **common), resume=str(checkpoint))
     assert len(recorder.lrs) == 4 and recorder.alive == [0] * 4
     wa, oa = _final_state(full)
     wb, ob = _final_state(resumed)
@@ -1012,7 +966,7 @@ def test_layerwise_refuses_fp16_and_the_handler_checks_again(tmp_path):
 
 def test_layerwise_log_line_and_card(tmp_path, trainer_log):
     args = _args(tmp_path, optim="fadam_8bit_layerwise", max_grad_norm=0.0, max_steps=2, optim_args="block_size=64")
-    trainer, _ = _train_layerwise(args)
+    trainer, _ = _train(args)
     (line,) = [r.getMessage() for r in trainer_log.records if "hf_fadam: the Trainer built" in r.getMessage()]
     assert "the Trainer built FAdam8bit" in line
     assert "gradient_release=True: each parameter stepped inside backward, its gradient freed" in line
