@@ -27,7 +27,7 @@ Contract:
 - What cannot be exact is refused by name, in the optimizer: parameters that are DTensors (FSDP2, tensor
   parallelism: gradients arrive by reduce-scatter, not through autograd's accumulation), FSDP1 flat parameters, and
   a process group of more than one process (DDP averages gradients across ranks after backward; a released step
-  would see the local gradient). Gradient accumulation over several backward passes is not accumulation here:
+  would see the local gradient): checked when the optimizer is built and at the first hook after each ``step()``. Gradient accumulation over several backward passes is not accumulation here:
   each backward steps; the Trainer integration refuses ``gradient_accumulation_steps > 1``, global gradient-norm
   clipping (FAdam clips per tensor, ``clip``) and ``--fp16``'s GradScaler (it must see all gradients before a step).
 - One optimizer releases a parameter at a time: a newer optimizer that releases the same parameter takes it over

@@ -313,6 +313,7 @@ class FAdam(Optimizer):
         found_inf = getattr(self, "found_inf", None)
         if getattr(self, "gradient_release", False):
             _release.attach(self)  # parameters unfrozen since: released from their next backward on
+            self._release_checked = False
         stream0 = 0  # a parameter's position over all groups: its stream of random bits (stochastic rounding)
         for group in self.param_groups:
             self._step_group(group, stream0, grad_scale, found_inf)
@@ -332,7 +333,9 @@ class FAdam(Optimizer):
                 stream0 += len(group["params"])
             self._param_index = index
             where = index[param]
-        _release.check_distributed(self)
+        if not self.__dict__.get("_release_checked", False):  # once per backward: step() clears it
+            _release.check_distributed(self)
+            self._release_checked = True
         gi, j, stream0 = where
         self._step_group(self.param_groups[gi], stream0, None, None, (j,))
 

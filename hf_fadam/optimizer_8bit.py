@@ -199,6 +199,7 @@ class FAdam8bit(FAdam):
         found_inf = getattr(self, "found_inf", None)
         if getattr(self, "gradient_release", False):
             _release.attach(self)  # parameters unfrozen since: released from their next backward on
+            self._release_checked = False
         stream0 = 0  # a parameter's position over all groups: its stream of random bits (f's rounding)
         for group in self.param_groups:
             self._step_group(group, stream0, grad_scale, found_inf)

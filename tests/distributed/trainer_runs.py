@@ -214,6 +214,8 @@ def run_all(out: Path) -> None:
     if _world() > 1:
         from accelerate.state import AcceleratorState
 
+        torch.distributed.barrier()  # every rank done with DDP before the state is reset
+
         AcceleratorState._reset_state(reset_partial_state=False)
         run_fsdp2(out)
 
@@ -225,3 +227,8 @@ if __name__ == "__main__":
     mode, out_dir = sys.argv[1], Path(sys.argv[2])
     out_dir.mkdir(parents=True, exist_ok=True)
     {"ddp": run_ddp, "fsdp2": run_fsdp2, "all": run_all}[mode](out_dir)
+    # Leave together and tear the process group down before the interpreter exits: a gloo group left to the
+    # interpreter's shutdown can abort one rank ("terminate called without an active exception").
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
