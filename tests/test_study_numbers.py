@@ -360,3 +360,68 @@ def test_rerun_without_resume_keeps_other_tasks(run_mod, tmp_path, monkeypatch):
     vq = [r for r in runs if r["task"] == "vqvae"]
     assert len(vq) == 1 and float(vq[0]["val_metric"]) == 0.1
     assert [float(c["loss"]) for c in curves if c["task"] == "vqvae"] == [1.0, 1.0]
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# the pure-bf16 study (bf16_clm.py): README, the study README and docs/precision.md quote results_bf16/runs.csv
+# ----------------------------------------------------------------------------------------------------------------------
+
+bf16_report = _load("bf16_report", CONV / "bf16_report.py")
+BF16_ROWS = {
+    "bf16, `nearest`": "nearest",
+    "bf16, `stochastic`": "stochastic",
+    "bf16, `kahan`": "kahan",
+    "bf16 + fp32 master copy": "fp32_master",
+    "fp32 weights and compute": "fp32",
+}
+
+
+def _bf16_cells() -> dict:
+    runs, _ = bf16_report.load(CONV / "results_bf16")
+    return bf16_report.summarize(runs)
+
+
+@pytest.mark.parametrize("doc", ["README.md", "benchmarks/convergence/README.md"])
+def test_bf16_study_tables_follow_the_csv(doc):
+    cells = _bf16_cells()
+    text = (ROOT / doc).read_text()
+    checked = 0
+    for line in text.splitlines():
+        label = next((k for k in BF16_ROWS if line.startswith(f"| {k}")), None)
+        if label is None:
+            continue
+        quoted = re.findall(rf"({NUM}) ± ({NUM})", line)
+        for optimizer, (mean, std) in zip(("fadam", "fadam_8bit"), quoted):
+            cell = cells[(1e-4, optimizer, BF16_ROWS[label])]
+            assert cell["n"] == 3
+            assert round(cell["ppl_mean"], 2) == float(mean), (doc, line)
+            assert round(cell["ppl_std"], 2) == float(std), (doc, line)
+            checked += 1
+    assert checked == 9, checked
+
+
+def test_bf16_study_numbers_in_precision_doc_and_shares():
+    cells = _bf16_cells()
+    text = (ROOT / "docs" / "precision.md").read_text()
+    for weights, quoted in (("nearest", "64.19"), ("kahan", "37.30"), ("fp32_master", "37.28"), ("stochastic", "34.40"),
+                            ("fp32", "34.35")):  # fmt: skip
+        assert f"{cells[(1e-4, 'fadam', weights)]['ppl_mean']:.2f}" == quoted and quoted in text
+    readme = (CONV / "README.md").read_text()
+    for weights, quoted in (("nearest", "0.23"), ("stochastic", "1.11"), ("kahan", "1.00")):
+        assert f"{bf16_report.share(cells, 1e-4, 'fadam', weights):.2f}" == quoted
+        assert f"| {quoted} |" in readme
+    # gradient release: the same held-out NLL per seed as the plain FAdam8bit runs
+    runs, _ = bf16_report.load(CONV / "results_bf16")
+    nll = {(r["optimizer"], r["seed"]): r["test_nll"] for r in runs if r["weights"] == "stochastic" and r["lr"] == "0.0001"}
+    assert [nll[("fadam_8bit_layerwise", s)] for s in "012"] == [nll[("fadam_8bit", s)] for s in "012"]
+
+
+def test_bf16_study_2e5_numbers_follow_the_csv():
+    cells = _bf16_cells()
+    quoted = {"nearest": "75.05", "kahan": "69.31", "fp32_master": "69.35", "stochastic": "54.95", "fp32": "54.62"}
+    for weights, value in quoted.items():
+        assert f"{cells[(2e-5, 'fadam', weights)]['ppl_mean']:.2f}" == value
+        assert cells[(2e-5, "fadam", weights)]["n"] == 3
+    for doc in ("README.md", "docs/precision.md", "benchmarks/convergence/README.md"):
+        text = (ROOT / doc).read_text()
+        assert all(v in text for v in quoted.values()), doc

@@ -1014,3 +1014,25 @@ def test_training_arguments_errors_of_others_carry_no_hf_fadam_frame(tmp_path):
         TrainingArguments(output_dir=str(tmp_path), report_to="none", optim="fadam", optim_args="clip=-1")
     assert ours(traceback.extract_tb(info.value.__traceback__))
     assert TrainingArguments.optim == TrainingArguments.__dataclass_fields__["optim"].default
+
+
+def test_stock_script_runs_fadam_8bit_layerwise_with_the_hook(hook, tmp_path):
+    """The unmodified stock script: --optim fadam_8bit_layerwise trains (with --max_grad_norm 0) and is refused, in
+    one line that says what to pass, with the Trainer's default max_grad_norm."""
+    out = tmp_path / "run"
+    args = _stock_args(out, optim="fadam_8bit_layerwise", max_grad_norm=0, optim_args="min_8bit_size=256")
+    result = _run([sys.executable, str(SCRIPT), *args], cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = _report(out)
+    assert report["optimizer_class"] == "hf_fadam.optimizer_8bit.FAdam8bit"
+    assert report["optim"] == "fadam_8bit_layerwise" and report["global_step"] == 4
+    losses = _losses(report["log_history"])
+    assert losses[-1] < losses[0]
+    card = (out / "README.md").read_text()
+    assert "Use FAdam8bit (hf_fadam.FAdam8bit, --optim fadam_8bit_layerwise)" in card and "gradient_release=True" in card
+
+    refused = _run([sys.executable, str(SCRIPT), *_stock_args(tmp_path / "refused", optim="fadam_layerwise")],
+                   cwd=tmp_path)  # fmt: skip
+    assert refused.returncode != 0
+    assert "--optim fadam_layerwise refuses this run: max_grad_norm=1.0" in refused.stderr
+    assert "pass --max_grad_norm 0" in refused.stderr

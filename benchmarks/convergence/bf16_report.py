@@ -93,11 +93,12 @@ def render(runs: list[dict]) -> str:
         "",
     ]
     for lr in sorted({k[0] for k in table}, reverse=True):
-        before = statistics.mean(c["before_ppl"] for k, c in table.items() if k[0] == lr)
+        before = statistics.mean(c["before_ppl"] for k, c in table.items() if k[0] == lr and k[2] != "fp32")
         lines += [
             f"## Peak learning rate {lr:g}",
             "",
-            f"Held-out perplexity before fine-tuning: {before:.2f} (bf16 weights).",
+            f"Held-out perplexity before fine-tuning: {before:.2f} (bf16 weights; the fp32 arm starts from the same "
+            "weights, evaluated in fp32).",
             "",
             "| optimizer | weights | held-out perplexity | share of the fp32-master gain | optimizer state B/param "
             "| seeds |",
