@@ -22,7 +22,7 @@ from torch import Tensor
 from ._quant import num_blocks
 
 
-__all__ = ["check_8bit_state", "check_fp_state"]
+__all__ = ["MAX_BLOCK", "check_8bit_state", "check_block_size", "check_fp_state", "check_min_8bit_size"]
 
 _CODES = (("exp_avg", torch.int8), ("fisher_sqrt", torch.uint8))
 _SCALES = ("exp_avg_scale", "fisher_sqrt_scale")
@@ -101,3 +101,21 @@ def check_fp_state(who: str, name: str, index: int | str, state: object, param: 
             f"{who}: state {name!r} of parameter {index} has shape {tuple(state.shape)}, but its parameter has shape "
             f"{tuple(param.shape)}; it belongs to another parameter (a checkpoint of another model?)"
         )
+
+
+#: The largest FAdam8bit block (the kernels' per-block scratch is sized for it).
+MAX_BLOCK = 4096
+
+
+def check_block_size(block_size: object) -> None:
+    """FAdam8bit's ``block_size``: a power of two in [32, MAX_BLOCK] (``ValueError`` naming the value otherwise)."""
+    ok = isinstance(block_size, int) and not isinstance(block_size, bool)
+    if not ok or not 32 <= block_size <= MAX_BLOCK or block_size & (block_size - 1):
+        raise ValueError(f"Invalid block_size: {block_size!r}; it must be a power of two in [32, {MAX_BLOCK}]")
+
+
+def check_min_8bit_size(min_8bit_size: object) -> None:
+    """FAdam8bit's ``min_8bit_size``: an integer >= 0."""
+    ok = isinstance(min_8bit_size, int) and not isinstance(min_8bit_size, bool)
+    if not ok or min_8bit_size < 0:
+        raise ValueError(f"Invalid min_8bit_size: {min_8bit_size!r}; it must be an integer >= 0")

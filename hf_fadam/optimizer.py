@@ -520,7 +520,7 @@ def _dequantized_8bit_state(who: str, state: dict[str, Any], param: Tensor, grou
         raise ValueError(
             f"{who}: parameter {key} has 8-bit state (FAdam8bit) but its saved group has no 'block_size' to decode it"
         )
-    from .optimizer_8bit import _check_block_size
+    from ._state_checks import check_block_size as _check_block_size
 
     _check_block_size(block_size)
     shard = param.to_local() if _is_dtensor(param) else param  # FAdam8bit's blocks are cut per local shard

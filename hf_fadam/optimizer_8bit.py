@@ -8,7 +8,6 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from . import _release
 from ._fsdp1 import refuse_fsdp1_flat
 from ._math import group_hyperparameters
 from ._multi_tensor import _is_dtensor
@@ -16,12 +15,13 @@ from ._quant import num_blocks, quantize_blockwise
 from ._quant_step import _triton_backend_on_cpu, fadam8bit, resolve_implementation_8bit
 from ._rounding import AUTO_16BIT_8BIT, resolve_param_rounding
 from ._state_checks import check_8bit_state, check_fp_state
+from ._state_checks import check_block_size as _check_block_size
+from ._state_checks import check_min_8bit_size as _check_min_size
 from .optimizer import FAdam, _loaded_step, _require_state_keys
 
 
 __all__ = ["FAdam8bit"]
 
-_MAX_BLOCK = 4096
 _FP32_STATE = torch.empty(0)  # stands for FAdam8bit's state in a check of what is stored in 16 bits
 
 
@@ -187,24 +187,6 @@ class FAdam8bit(FAdam):
                 state["param_comp"] = _like_param(torch.zeros_like(local), param)
             comp = state["param_comp"] if kahan else None
             lists["comps"].append(getattr(comp, "_local_tensor", comp))
-
-    @torch.no_grad()
-    def step(self, closure: Callable[[], float] | None = None) -> float | None:
-        """Perform one optimization step; ``closure`` re-evaluates the model and returns the loss."""
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        grad_scale = getattr(self, "grad_scale", None)
-        found_inf = getattr(self, "found_inf", None)
-        if getattr(self, "gradient_release", False):
-            _release.attach(self)  # parameters unfrozen since: released from their next backward on
-            self._release_checked = False
-        stream0 = 0  # a parameter's position over all groups: its stream of random bits (f's rounding)
-        for group in self.param_groups:
-            self._step_group(group, stream0, grad_scale, found_inf)
-            stream0 += len(group["params"])
-        return loss
 
     def _step_group(
         self,
@@ -403,15 +385,3 @@ def _check_8bit_settings(group: dict[str, Any]) -> None:
         _check_block_size(group["block_size"])
     if "min_8bit_size" in group:
         _check_min_size(group["min_8bit_size"])
-
-
-def _check_block_size(block_size: Any) -> None:
-    ok = isinstance(block_size, int) and not isinstance(block_size, bool)
-    if not ok or not 32 <= block_size <= _MAX_BLOCK or block_size & (block_size - 1):
-        raise ValueError(f"Invalid block_size: {block_size!r}; it must be a power of two in [32, {_MAX_BLOCK}]")
-
-
-def _check_min_size(min_8bit_size: Any) -> None:
-    ok = isinstance(min_8bit_size, int) and not isinstance(min_8bit_size, bool)
-    if not ok or min_8bit_size < 0:
-        raise ValueError(f"Invalid min_8bit_size: {min_8bit_size!r}; it must be an integer >= 0")
