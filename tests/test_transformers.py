@@ -1036,3 +1036,33 @@ def test_stock_script_runs_fadam_8bit_layerwise_with_the_hook(hook, tmp_path):
     assert refused.returncode != 0
     assert "--optim fadam_layerwise refuses this run: max_grad_norm=1.0" in refused.stderr
     assert "pass --max_grad_norm 0" in refused.stderr
+
+
+def test_log_line_says_what_is_stepped(tmp_path):
+    """The built-optimizer line ends with what the optimizer steps, so that an engine that fell back shows."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    from hf_fadam._flat import FlatLayout, set_layout
+
+    plain = FAdam([torch.nn.Parameter(torch.ones(3)), torch.nn.Parameter(torch.ones(2, 2))])
+    assert hft.describe_stepped_tensors(plain) == "2 plain tensors (whole parameters)"
+    flat = torch.nn.Parameter(torch.ones(10))
+    set_layout(flat, FlatLayout(starts=(0, 4), lengths=(4, 6), numels=(4, 9), slots=(0, 1), num_slots=3,
+                                flat_numel=10))  # fmt: skip
+    try:
+        line = hft.describe_built_optimizer(FAdam([flat]))
+        assert line.endswith("steps 1 DeepSpeed flat partitions (mapped back to 3 parameters: per-tensor RMS)")
+    finally:
+        set_layout(flat, None)
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path}/pg", rank=0, world_size=1)
+    try:
+        mesh = init_device_mesh("cpu", (1,))
+        shard = torch.nn.Parameter(distribute_tensor(torch.ones(4, 4), mesh, [Shard(0)]))
+        mixed = FAdam([shard, torch.nn.Parameter(torch.ones(3))])
+        assert hft.describe_stepped_tensors(mixed) == (
+            "1 DTensor parameters (FSDP2/TP shards of whole logical tensors, mesh (1,)) and 1 plain tensors"
+        )
+    finally:
+        dist.destroy_process_group()
