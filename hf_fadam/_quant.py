@@ -219,8 +219,22 @@ F_MAX_S = 2.0**63
 _M32 = 0xFFFFFFFF
 
 
+def _lowbias32_int(x: int) -> int:
+    x &= _M32
+    x ^= x >> 16
+    x = (x * 0x7FEB352D) & _M32
+    x ^= x >> 15
+    x = (x * 0x846CA68B) & _M32
+    return x ^ (x >> 16)
+
+
 def lowbias32(x: Tensor) -> Tensor:
-    """C. Wellons' lowbias32 hash of uint32 values held in an int64 tensor (every operation kept to 32 bits)."""
+    """C. Wellons' lowbias32 hash of uint32 values held in an int64 tensor (every operation kept to 32 bits).
+
+    A few values on the CPU (per-tensor seeds: one call per step and parameter under gradient release) are hashed
+    as Python integers, the same numbers without six tensor operations' dispatch."""
+    if x.device.type == "cpu" and x.numel() <= 16 and x.dtype == torch.int64:
+        return torch.tensor([_lowbias32_int(v) for v in x.reshape(-1).tolist()], dtype=torch.int64).reshape(x.shape)
     x = x & _M32
     x = x ^ (x >> 16)
     x = (x * 0x7FEB352D) & _M32
