@@ -55,7 +55,7 @@ def test_cli_parses_fadam_8bit():
     (args,) = HfArgumentParser(TrainingArguments).parse_args_into_dataclasses(
         ["--output_dir", "/tmp/x", "--optim", "fadam_8bit", "--optim_args", "block_size=64,min_8bit_size=0"]
     )
-    assert hft.is_fadam_8bit(args.optim)
+    assert hft.fadam_variant(args.optim) == ("fadam_8bit", True, False)
 
 
 def test_kwargs_carry_fadam_and_8bit_optim_args(tmp_path):

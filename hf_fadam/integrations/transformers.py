@@ -203,13 +203,9 @@ def parse_optim_args(
 # --------------------------------------------------------------------------------------------------------------------
 
 
-def is_fadam(optim: Any) -> bool:
-    """Whether ``TrainingArguments.optim`` names FAdam (the enum member, or the plain string after unpickling)."""
-    return getattr(optim, "value", optim) == OPTIM_NAME
-
-
 def fadam_variant(optim: Any) -> tuple[str, bool, bool] | None:
-    """``(name, eight_bit, layerwise)`` when ``TrainingArguments.optim`` is one of hf_fadam's names, else None."""
+    """``(name, eight_bit, layerwise)`` when ``TrainingArguments.optim`` is one of hf_fadam's names (the enum member,
+    or the plain string after unpickling), else None."""
     name = getattr(optim, "value", optim)
     if not isinstance(name, str) or name not in OPTIM_NAMES:
         return None
@@ -572,11 +568,6 @@ def _fadam_handler(ctx: Any) -> tuple[type, dict[str, Any]]:
     kwargs.update(ctx.adam_kwargs)
     _tag_model(ctx.model)
     return cls, kwargs
-
-
-def is_fadam_8bit(optim: Any) -> bool:
-    """Whether ``TrainingArguments.optim`` names FAdam8bit (``fadam_8bit``)."""
-    return getattr(optim, "value", optim) == OPTIM_NAME_8BIT
 
 
 def fadam_8bit_kwargs(args: Any, model: Any = None, name: str = OPTIM_NAME_8BIT) -> dict[str, Any]:
