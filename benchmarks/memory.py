@@ -36,7 +36,10 @@ from pathlib import Path
 import torch
 
 
-ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import smollm2  # noqa: E402
+
+
 CONFIGS = {
     # name: (optimizer, param dtype, gradient release, description)
     "adamw_fp32": ("adamw", torch.float32, False, "torch AdamW (fused), fp32 weights"),
@@ -47,7 +50,6 @@ CONFIGS = {
         "fadam_8bit", torch.bfloat16, True, "FAdam8bit, bf16 weights (stochastic), gradient release",
     ),
 }  # fmt: skip
-QUICK_OVERRIDES = "num_hidden_layers=2,hidden_size=64,intermediate_size=128,num_attention_heads=4,num_key_value_heads=2"
 
 
 class GradientTracker:
@@ -101,22 +103,9 @@ def state_bytes(optimizer) -> int:
 
 
 def load(quick: bool):
-    sys.path.insert(0, str(ROOT / "examples"))
-    import run_clm
-
-    argv = ["--output_dir", "/tmp/unused"]
-    if quick:
-        argv += ["--train_from_scratch", "--config_overrides", QUICK_OVERRIDES]
-    model_args, _, _ = run_clm.parse_args(argv)
-    torch.manual_seed(0)
-    model, tokenizer, _ = run_clm.load_model_and_tokenizer(model_args)
-    import csv as csv_module
-
-    with open(run_clm.DEFAULT_TRAIN_FILE, newline="") as fh:
-        texts = [row["text"] for row in csv_module.DictReader(fh)]
-    ids = [t for text in texts for t in tokenizer(text)["input_ids"]]
-    batch = torch.tensor(ids[: 8 * 64]).view(8, 64)
-    return model, batch
+    """The model and the first 8 training blocks of 64 tokens of run_clm.py's default."""
+    model, tokenizer, _ = smollm2.load_model(quick)
+    return model, smollm2.blocks(tokenizer, smollm2.run_clm().DEFAULT_TRAIN_FILE, 64, keep_tail=False)[:8]
 
 
 def one_config(name: str, quick: bool) -> dict:

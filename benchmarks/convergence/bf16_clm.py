@@ -42,7 +42,10 @@ from pathlib import Path
 import torch
 
 
-EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/: the shared loader
+import smollm2  # noqa: E402
+
+
 WEIGHTS = ("nearest", "stochastic", "kahan", "fp32_master")
 OPTIMIZERS = ("fadam", "fadam_8bit")
 # Named with --weights / --optimizers: an all-float32 run (weights, forward and backward), the reference of the
@@ -54,43 +57,12 @@ RUN_FIELDS = (
     "train_s", "state_bytes_per_param", "finite", "torch", "transformers", "model", "date",
 )  # fmt: skip
 CURVE_FIELDS = ("optimizer", "weights", "lr", "seed", "kind", "step", "value")
-QUICK_OVERRIDES = "num_hidden_layers=2,hidden_size=64,intermediate_size=128,num_attention_heads=4,num_key_value_heads=2"
-
-
-def load_run_clm():
-    sys.path.insert(0, str(EXAMPLES))
-    import run_clm
-
-    return run_clm
 
 
 def load_base(quick: bool):
     """(bf16 model with the checkpoint's weights, tokenizer, model description)."""
-    run_clm = load_run_clm()
-    argv = ["--output_dir", "/tmp/unused"]
-    if quick:
-        argv += ["--train_from_scratch", "--config_overrides", QUICK_OVERRIDES]
-    model_args, _, _ = run_clm.parse_args(argv)
-    torch.manual_seed(0)
-    model, tokenizer, gguf_file = run_clm.load_model_and_tokenizer(model_args)
-    name = model_args.model_name_or_path + (f" ({gguf_file}, dequantized)" if gguf_file else "")
-    if quick:
-        name = "tiny Llama from the SmolLM2 config (" + QUICK_OVERRIDES + ")"
+    model, tokenizer, name = smollm2.load_model(quick)
     return model.to(torch.bfloat16), tokenizer, name
-
-
-def blocks(tokenizer, path: Path, block_size: int, keep_tail: bool, limit: int | None) -> torch.Tensor:
-    """The file's texts tokenized, concatenated and cut into blocks (as run_clm.py's group_texts): [n, block_size]."""
-    with open(path, newline="") as fh:
-        texts = [row["text"] for row in csv.DictReader(fh)]
-    if limit:
-        texts = texts[:limit]
-    ids = [t for text in texts for t in tokenizer(text)["input_ids"]]
-    end = len(ids) if keep_tail else (len(ids) // block_size) * block_size
-    out = [ids[i : i + block_size] for i in range(0, end, block_size)]
-    if out and len(out[-1]) < block_size:  # the held-out tail: pad, and mask the padding out of the loss with -100
-        out[-1] = out[-1] + [-100] * (block_size - len(out[-1]))
-    return torch.tensor(out, dtype=torch.long)
 
 
 @torch.no_grad()
@@ -271,9 +243,9 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     base, tokenizer, args.model_name = load_base(args.quick)
     limit = 32 if args.quick else None
-    run_clm = load_run_clm()
-    train = blocks(tokenizer, run_clm.DEFAULT_TRAIN_FILE, args.block_size, False, limit)
-    test = blocks(tokenizer, run_clm.DEFAULT_VALIDATION_FILE, args.block_size, True, limit)
+    example = smollm2.run_clm()
+    train = smollm2.blocks(tokenizer, example.DEFAULT_TRAIN_FILE, args.block_size, False, limit)
+    test = smollm2.blocks(tokenizer, example.DEFAULT_VALIDATION_FILE, args.block_size, True, limit)
     print(
         f"{args.model_name}: {sum(p.numel() for p in base.parameters()):,} params; {len(train)} training and "
         f"{len(test)} held-out blocks of {args.block_size} tokens; {platform.processor() or platform.machine()}, "
