@@ -499,6 +499,18 @@ def _final_state(trainer: Trainer) -> tuple[dict[str, torch.Tensor], dict]:
     return weights, trainer.optimizer.state_dict()
 
 
+def _assert_same_final_state(a: Trainer, b: Trainer) -> None:
+    """The two runs end with bit-identical weights and optimizer state (an assertion names what differs)."""
+    wa, oa = _final_state(a)
+    wb, ob = _final_state(b)
+    for name, tensor in wa.items():
+        torch.testing.assert_close(wb[name], tensor, rtol=0, atol=0, msg=name)
+    assert oa["state"].keys() == ob["state"].keys()
+    for index, state in oa["state"].items():
+        for key, value in state.items():
+            torch.testing.assert_close(ob["state"][index][key], value, rtol=0, atol=0, msg=f"{index} {key}")
+
+
 def test_resume_from_checkpoint_matches_uninterrupted_run(tmp_path):
     common = dict(max_steps=8, save_strategy="steps", save_steps=4, lr_scheduler_type="cosine", warmup_steps=2)
     full, _ = _train(_args(tmp_path / "full", **common))
@@ -513,13 +525,8 @@ def test_resume_from_checkpoint_matches_uninterrupted_run(tmp_path):
 
     resumed, recorder = _train(_args(tmp_path / "resumed", **common), resume=str(checkpoint))
     assert len(recorder.lrs) == 4, "the resumed run must do only the last 4 steps"
-    full_weights, full_opt = _final_state(full)
-    resumed_weights, resumed_opt = _final_state(resumed)
-    for name, tensor in full_weights.items():
-        torch.testing.assert_close(resumed_weights[name], tensor, rtol=0, atol=0, msg=name)
-    for index, state in full_opt["state"].items():
-        for key, value in state.items():
-            torch.testing.assert_close(resumed_opt["state"][index][key], value, rtol=0, atol=0)
+    _assert_same_final_state(full, resumed)
+    full_opt, resumed_opt = full.optimizer.state_dict(), resumed.optimizer.state_dict()
     assert [g["lr"] for g in resumed_opt["param_groups"]] == [g["lr"] for g in full_opt["param_groups"]]
 
 
@@ -875,14 +882,7 @@ LAYERWISE = {"fadam_layerwise": "fadam", "fadam_8bit_layerwise": "fadam_8bit"}
 
 def _assert_same_run(a: Trainer, b: Trainer) -> None:
     assert _losses(a.state.log_history) == _losses(b.state.log_history)
-    wa, oa = _final_state(a)
-    wb, ob = _final_state(b)
-    for name, tensor in wa.items():
-        torch.testing.assert_close(wb[name], tensor, rtol=0, atol=0, msg=name)
-    assert oa["state"].keys() == ob["state"].keys()
-    for index, state in oa["state"].items():
-        for key, value in state.items():
-            torch.testing.assert_close(ob["state"][index][key], value, rtol=0, atol=0, msg=f"{index} {key}")
+    _assert_same_final_state(a, b)
 
 
 def test_layerwise_names_parse_from_cli_json_and_pickle(tmp_path):
@@ -927,13 +927,7 @@ def test_layerwise_resume_from_checkpoint_matches_uninterrupted_run(tmp_path):
     assert {s["step"].item() for s in saved["state"].values()} == {4.0}
     resumed, recorder = _train(_args(tmp_path / "resumed", **common), resume=str(checkpoint))
     assert len(recorder.lrs) == 4 and recorder.alive == [0] * 4
-    wa, oa = _final_state(full)
-    wb, ob = _final_state(resumed)
-    for name, tensor in wa.items():
-        torch.testing.assert_close(wb[name], tensor, rtol=0, atol=0, msg=name)
-    for index, state in oa["state"].items():
-        for key, value in state.items():
-            torch.testing.assert_close(ob["state"][index][key], value, rtol=0, atol=0)
+    _assert_same_final_state(full, resumed)
 
 
 LAYERWISE_REFUSALS = [
